@@ -1,0 +1,249 @@
+"""The MoLink wire format, used by peers and clients alike.
+
+A frame is a 4-byte big-endian length followed by a msgpack map {"t": type, "id": request id,
+"b": body}. Tensors inside a body are maps {"dtype", "shape", "codec", "data"}. Everything read
+off the network is checked before it is trusted: the frame length against `max_frame_bytes`
+before the payload is read, msgpack container sizes by the unpacker, dtypes against an allow-list,
+and a tensor's decoded size (shape x dtype) against `max_tensor_bytes` *before* any decompression,
+so a zstd bomb never gets the chance to allocate. No pickle, no torch.load: tensors are raw bytes
+reinterpreted with `torch.frombuffer`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+import zstandard
+
+LENGTH_PREFIX = struct.Struct(">I")
+LENGTH_PREFIX_BYTES = LENGTH_PREFIX.size
+
+# zstd level 1: on SmolLM2 hidden states (scripts/bench_codec.py) higher levels cost 2-5x the time
+# for under 1 % more ratio; fp32 activations are mostly mantissa noise that no level squeezes.
+DEFAULT_ZSTD_LEVEL = 1
+
+CODECS = ("raw", "zstd")
+
+# name on the wire -> (torch dtype, bytes per element)
+ALLOWED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+
+
+class WireError(Exception):
+    """Anything malformed, oversized or disallowed in bytes that came off the network."""
+
+
+class FrameTooLarge(WireError):
+    pass
+
+
+class MalformedFrame(WireError):
+    pass
+
+
+class TensorError(WireError):
+    pass
+
+
+class DisallowedDtype(TensorError):
+    pass
+
+
+class TensorTooLarge(TensorError):
+    pass
+
+
+class BadShape(TensorError):
+    pass
+
+
+class BadCodec(TensorError):
+    pass
+
+
+class CorruptTensorData(TensorError):
+    pass
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    max_frame_bytes: int = 256 * 1024 * 1024
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    max_ndim: int = 6
+    max_str_len: int = 64 * 1024
+    max_array_len: int = 64 * 1024
+    max_map_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_frame_bytes >= 2**32:
+            raise ValueError("max_frame_bytes must fit the 4-byte length prefix")
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+@dataclass
+class Frame:
+    type: str
+    request_id: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- frames
+
+
+def encode_frame(frame: Frame, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+    try:
+        payload = msgpack.packb(
+            {"t": frame.type, "id": frame.request_id, "b": frame.body}, use_bin_type=True
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedFrame(f"frame body cannot be encoded: {exc}") from exc
+    if len(payload) > limits.max_frame_bytes:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds {limits.max_frame_bytes}")
+    return LENGTH_PREFIX.pack(len(payload)) + payload
+
+
+def parse_frame_length(prefix: bytes, limits: WireLimits = DEFAULT_LIMITS) -> int:
+    if len(prefix) != LENGTH_PREFIX_BYTES:
+        raise MalformedFrame(f"length prefix must be {LENGTH_PREFIX_BYTES} bytes")
+    (length,) = LENGTH_PREFIX.unpack(prefix)
+    if length > limits.max_frame_bytes:
+        raise FrameTooLarge(f"peer announced a {length}-byte frame; limit {limits.max_frame_bytes}")
+    return length
+
+
+def unpack_msgpack(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Any:
+    """msgpack with container limits, so a tiny payload cannot claim a huge allocation."""
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_frame_bytes,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as exc:
+        raise MalformedFrame(f"undecodable msgpack: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedFrame("msgpack nesting too deep") from exc
+
+
+def decode_frame_payload(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
+    if len(payload) > limits.max_frame_bytes:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds {limits.max_frame_bytes}")
+    obj = unpack_msgpack(payload, limits)
+    if not isinstance(obj, dict) or set(obj) != {"t", "id", "b"}:
+        raise MalformedFrame("frame must be a map with exactly the keys t, id, b")
+    kind, request_id, body = obj["t"], obj["id"], obj["b"]
+    if not isinstance(kind, str) or not kind or len(kind) > 64:
+        raise MalformedFrame("frame type must be a short non-empty string")
+    if type(request_id) is not int or not 0 <= request_id < 2**63:
+        raise MalformedFrame("request id must be a non-negative 63-bit integer")
+    if not isinstance(body, dict):
+        raise MalformedFrame("frame body must be a map")
+    return Frame(kind, request_id, body)
+
+
+def decode_frame(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
+    """Decode one whole frame (prefix + payload) held in memory."""
+    length = parse_frame_length(data[:LENGTH_PREFIX_BYTES], limits)
+    payload = data[LENGTH_PREFIX_BYTES:]
+    if len(payload) != length:
+        raise MalformedFrame(f"frame says {length} bytes but {len(payload)} follow")
+    return decode_frame_payload(payload, limits)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.numel() == 0:
+        return b""
+    # Reinterpret as bytes: numpy has no bfloat16, a uint8 view works for every dtype.
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode_tensor(
+    tensor: torch.Tensor, codec: str = "zstd", level: int = DEFAULT_ZSTD_LEVEL
+) -> dict[str, Any]:
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise DisallowedDtype(f"dtype {tensor.dtype} is not allowed on the wire")
+    data = _raw_bytes(tensor)
+    if codec == "zstd":
+        data = zstandard.ZstdCompressor(level=level).compress(data)
+    elif codec != "raw":
+        raise BadCodec(f"unknown codec {codec!r}; known: {CODECS}")
+    return {"dtype": name, "shape": list(tensor.shape), "codec": codec, "data": data}
+
+
+def _checked_shape(shape: Any, limits: WireLimits) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise BadShape(f"shape must be a list of at most {limits.max_ndim} dims")
+    if not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+        raise BadShape("shape dims must be non-negative integers")
+    return tuple(shape)
+
+
+def decoded_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * itemsize
+
+
+def _decompress_bounded(data: bytes, expected: int) -> bytes:
+    """Decompress at most `expected` bytes; anything else is corruption, never an allocation."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        out = reader.read(expected + 1)
+    except zstandard.ZstdError as exc:
+        raise CorruptTensorData(f"zstd data is corrupt: {exc}") from exc
+    if len(out) != expected:
+        raise CorruptTensorData(f"zstd data decodes to {len(out)}+ bytes, expected {expected}")
+    return out
+
+
+def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "codec", "data"}:
+        raise TensorError("tensor must be a map with keys dtype, shape, codec, data")
+    dtype = ALLOWED_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+    if dtype is None:
+        raise DisallowedDtype(f"dtype {obj['dtype']!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+    shape = _checked_shape(obj["shape"], limits)
+    nbytes = decoded_nbytes(dtype, shape)
+    if nbytes > limits.max_tensor_bytes:
+        raise TensorTooLarge(f"tensor of {nbytes} bytes exceeds {limits.max_tensor_bytes}")
+    data, codec = obj["data"], obj["codec"]
+    if not isinstance(data, bytes):
+        raise TensorError("tensor data must be bytes")
+    if codec == "zstd":
+        data = _decompress_bounded(data, nbytes)
+    elif codec != "raw":
+        raise BadCodec(f"unknown codec {codec!r}; known: {CODECS}")
+    if len(data) != nbytes:
+        raise CorruptTensorData(f"tensor data has {len(data)} bytes, shape x dtype says {nbytes}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+    if dtype is torch.bool and bool((flat.view(torch.uint8) > 1).any()):
+        raise CorruptTensorData("bool tensor holds bytes other than 0 and 1")
+    return flat.reshape(shape)

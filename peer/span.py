@@ -1,0 +1,102 @@
+"""A span of transformer blocks [start, end) loaded on its own, and the sessions that run through it.
+
+This is the peer's model runner: it holds only the span's weights, keeps one KV cache per
+session (transformers' `DynamicCache`, with layers written at their global index), and derives
+each new token's position from the session's attention mask exactly as `generate` does, so the
+client never has to send positions (one less thing to trust from the network).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PretrainedConfig
+
+from molink.peer.checkpoint import Checkpoint, load_config, materialize
+from molink.peer.families import FamilyAdapter, get_family
+
+logger = logging.getLogger(__name__)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of every token given a left-padded 0/1 mask (as transformers' generate computes it)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+@dataclass
+class SpanSession:
+    """One generation's state on this span: its KV cache and the mask of every token seen."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor | None = None  # [batch, tokens seen] int64
+    steps: int = field(default=0)
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.attention_mask is None else self.attention_mask.shape[0]
+
+    @property
+    def seen_tokens(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+
+
+class SpanModel:
+    """Blocks [start, end) of one model, ready to run sessions."""
+
+    def __init__(self, config: PretrainedConfig, family: FamilyAdapter, start: int, end: int,
+                 blocks: list[torch.nn.Module], device: torch.device, dtype: torch.dtype):
+        self.config, self.family = config, family
+        self.start, self.end = start, end
+        self.blocks = blocks
+        self.device, self.dtype = device, dtype
+        self.context = family.make_span_context(config, device)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, start: int, end: int, *, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu", progress: bool = True) -> "SpanModel":
+        config = load_config(model_dir)
+        family = get_family(config)
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks")
+        checkpoint = Checkpoint.open(model_dir)
+        dtype = dtype or _config_dtype(config)
+        device = torch.device(device)
+        blocks = []
+        for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block",
+                          disable=not progress, leave=False):
+            block = family.build_block(config, index)
+            prefix = family.block_prefix(config, index)
+            tensors = checkpoint.load(checkpoint.names_with_prefix(prefix), dtype=dtype, device=device)
+            materialize(block, tensors, prefix)
+            blocks.append(block.eval().requires_grad_(False))
+        logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, model_dir, dtype, device)
+        return cls(config, family, start, end, blocks, device, dtype)
+
+    def new_session(self) -> SpanSession:
+        return SpanSession(cache=DynamicCache(config=self.config))
+
+    @torch.inference_mode()
+    def step(self, session: SpanSession, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Run the span over `hidden_states` [batch, new, hidden] whose 0/1 mask is `new_mask` [batch, new]."""
+        mask = new_mask.to(self.device, torch.long)
+        full_mask = mask if session.attention_mask is None else torch.cat([session.attention_mask, mask], dim=1)
+        positions = positions_from_mask(full_mask)[:, -mask.shape[1]:]
+        out = self.family.run_blocks(
+            self.context, self.blocks, self.start,
+            hidden_states.to(self.device, self.dtype), full_mask, positions, session.cache,
+        )
+        session.attention_mask = full_mask
+        session.steps += 1
+        return out
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

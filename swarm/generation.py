@@ -1,0 +1,124 @@
+"""Token generation over any chain of spans, returning what transformers' `generate` returns.
+
+The loop mirrors `GenerationMixin._sample` step for step (same logits processors in the same
+order, same float32 scores, same `torch.multinomial` call per step, same padding of finished
+rows), so greedy decoding gives identical tokens and seeded sampling gives identical samples.
+The processors themselves are transformers' classes: we only choose and order them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from molink.peer.families import ClientHead
+
+#: generation options this loop implements; anything else is refused rather than ignored
+SUPPORTED_OPTIONS = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id",
+}
+
+
+class SpanChain(Protocol):
+    """All blocks of the model for one generation session, in order."""
+
+    def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the new tokens through every block (caches kept between calls)."""
+
+    def close(self) -> None: ...
+
+
+def merged_generation_config(model_config: GenerationConfig | None, **options) -> GenerationConfig:
+    """The model's generation defaults, then transformers' global defaults, then the caller's options."""
+    unknown = {k for k, v in options.items() if v is not None} - SUPPORTED_OPTIONS
+    if unknown:
+        raise ValueError(f"unsupported generation options: {sorted(unknown)}; supported: {sorted(SUPPORTED_OPTIONS)}")
+    config = GenerationConfig()
+    if model_config is not None:
+        config.update(**model_config.to_dict(), defaults_only=True)
+    config.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    config.update(**{k: v for k, v in options.items() if v is not None})
+    return config
+
+
+def logits_processors(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        padding_lengths = (attention_mask != 0).int().argmax(dim=1)
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty,
+                                                           prompt_ignore_length=padding_lengths))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        if config.min_p is not None:
+            processors.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    return processors
+
+
+def _eos_and_pad(config: GenerationConfig) -> tuple[torch.Tensor | None, int | None]:
+    eos = config.eos_token_id
+    if eos is None:
+        return None, config.pad_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+    pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
+    return eos, pad
+
+
+def max_new_tokens_of(config: GenerationConfig, prompt_length: int) -> int:
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    return max(0, config.max_length - prompt_length)
+
+
+@torch.inference_mode()
+def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None, config: GenerationConfig,
+                        streamer=None) -> torch.Tensor:
+    """Run the sampling loop; returns prompt + new tokens, [batch, prompt + new], like `generate`."""
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.long()
+    processors = logits_processors(config, attention_mask)
+    eos, pad = _eos_and_pad(config)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    step_ids, step_mask = input_ids, attention_mask
+    for _ in range(max_new_tokens_of(config, input_ids.shape[1])):
+        hidden = chain.step(head.embed(step_ids), step_mask)
+        logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
+        scores = processors(input_ids, logits)
+        if config.do_sample:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        if eos is not None:
+            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(next_tokens, eos)
+            if unfinished.max() == 0:
+                break
+        step_ids, step_mask = next_tokens[:, None], torch.ones_like(next_tokens[:, None])
+    if streamer is not None:
+        streamer.end()
+    return input_ids
