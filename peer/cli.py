@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+import torch
+
 
 def _add_identity(sub) -> None:
     p = sub.add_parser("identity", help="create (on first use) or show this peer's identity key and peer id",
@@ -27,9 +29,94 @@ def run_identity(args) -> int:
     return 0
 
 
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("blocks must look like A:B (e.g. 0:10)") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError("blocks A:B need 0 <= A < B")
+    return start, end
+
+
+def _add_common(p) -> None:
+    p.add_argument("--listen", action="append", default=None, metavar="MADDR",
+                   help="multiaddr to listen on (repeatable; default /ip4/127.0.0.1/tcp/0)")
+    p.add_argument("--identity", default=None, metavar="FILE",
+                   help="identity key file, created on first use (default: a new identity each run)")
+    p.add_argument("--ready-file", default=None, metavar="FILE",
+                   help="write the full multiaddr (with /p2p/<id>) here, atomically, once serving")
+
+
+def _add_bootstrap(sub) -> None:
+    p = sub.add_parser("bootstrap", help="run a DHT-only node that peers and clients meet through",
+                       description="Run a DHT-only node (serves no blocks): the swarm's meeting point.")
+    _add_common(p)
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="other bootstrap nodes")
+    p.set_defaults(func=run_bootstrap)
+
+
+def _add_join(sub) -> None:
+    p = sub.add_parser("join", help="host blocks A:B of a model and serve them to the swarm",
+                       description="Load blocks [A, B) of a model, announce them in the DHT and serve "
+                                   "inference sessions until Ctrl-C / SIGTERM (then withdraw and exit 0).")
+    p.add_argument("--model", required=True, help="model directory (safetensors) or hub id")
+    p.add_argument("--blocks", required=True, type=_blocks, metavar="A:B", help="the span of blocks to host")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
+                   help="bootstrap multiaddrs (with /p2p/<id>)")
+    _add_common(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="KV-cache budget in tokens (default: what --max-cache-mb holds)")
+    p.add_argument("--max-cache-mb", type=int, default=1024, help="KV-cache memory budget (default 1024 MB)")
+    p.add_argument("--session-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
+    p.add_argument("--model-name", default=None, help="name in the DHT key (default: the model folder's name)")
+    p.set_defaults(func=run_join)
+
+
+def _identity(args):
+    from molink.crypto.identity import load_or_create_identity
+
+    return load_or_create_identity(args.identity)
+
+
+def run_bootstrap(args) -> int:
+    import trio
+
+    from molink.peer.server import run_bootstrap_node
+
+    trio.run(run_bootstrap_node, _identity(args), args.listen or ["/ip4/127.0.0.1/tcp/0"], args.ready_file,
+             args.initial_peers)
+    return 0
+
+
+def run_join(args) -> int:
+    import trio
+
+    from molink.peer.checkpoint import resolve_model_dir
+    from molink.peer.server import PeerConfig, PeerServer
+
+    start, end = args.blocks
+    config = PeerConfig(
+        model_dir=resolve_model_dir(args.model), start=start, end=end, identity=_identity(args),
+        initial_peers=args.initial_peers, listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
+        dtype=DTYPES[args.dtype], device=args.device, cache_tokens=args.cache_tokens,
+        max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
+        ready_file=args.ready_file, model_name=args.model_name)
+    server = PeerServer.load(config)
+    trio.run(server.serve)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molink-peer", description="Run a MoLink volunteer peer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_bootstrap(sub)
+    _add_join(sub)
     _add_identity(sub)
     return parser
 
@@ -37,7 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # a volunteer needs the reason, not a traceback
+        from molink.crypto.identity import IdentityFileError
+        from molink.peer.checkpoint import CheckpointError
+        from molink.peer.families import UnsupportedArchitecture
+
+        if isinstance(exc, (IdentityFileError, CheckpointError, UnsupportedArchitecture, ValueError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class SpanSession:
     """One generation's state on this span: its KV cache and the mask of every token seen."""
 
     cache: DynamicCache
+    start: int  # the blocks this session runs: a sub-range of the span is allowed
+    end: int
     attention_mask: torch.Tensor | None = None  # [batch, tokens seen] int64
     steps: int = field(default=0)
 
@@ -77,8 +79,20 @@ class SpanModel:
         logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, model_dir, dtype, device)
         return cls(config, family, start, end, blocks, device, dtype)
 
-    def new_session(self) -> SpanSession:
-        return SpanSession(cache=DynamicCache(config=self.config))
+    def new_session(self, start: int | None = None, end: int | None = None) -> SpanSession:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks [{start}, {end}) are not within this span [{self.start}, {self.end})")
+        return SpanSession(cache=DynamicCache(config=self.config), start=start, end=end)
+
+    def kv_bytes_per_token(self, num_blocks: int | None = None) -> int:
+        """KV-cache bytes one token of one sequence takes in `num_blocks` blocks (default: the span)."""
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * (num_blocks or len(self.blocks)) * kv_heads * head_dim * element
 
     @torch.inference_mode()
     def step(self, session: SpanSession, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
@@ -86,8 +100,9 @@ class SpanModel:
         mask = new_mask.to(self.device, torch.long)
         full_mask = mask if session.attention_mask is None else torch.cat([session.attention_mask, mask], dim=1)
         positions = positions_from_mask(full_mask)[:, -mask.shape[1]:]
+        blocks = self.blocks[session.start - self.start: session.end - self.start]
         out = self.family.run_blocks(
-            self.context, self.blocks, self.start,
+            self.context, blocks, session.start,
             hidden_states.to(self.device, self.dtype), full_mask, positions, session.cache,
         )
         session.attention_mask = full_mask

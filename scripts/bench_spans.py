@@ -64,7 +64,7 @@ def time_full_model(model, prompt, steps: int) -> float:
 
 @torch.inference_mode()
 def time_spans(local_model, prompt, steps: int) -> float:
-    chain = local_model.open_chain(prompt.shape[0])
+    chain = local_model.open_chain(prompt.shape[0], prompt.shape[1] + steps + 1)
     head = local_model.head
     hidden = chain.step(head.embed(prompt), torch.ones_like(prompt))
     token = head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)

@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from molink.peer.checkpoint import load_config, resolve_model_dir
 from molink.peer.span import SpanModel
 from molink.swarm.client_head import load_client_head
-from molink.swarm.generation import SpanChain, generate_with_chain, merged_generation_config
+from molink.swarm.generation import SpanChain, generate_with_chain, max_new_tokens_of, merged_generation_config
 
 
 class SwarmModelBase(ABC):
@@ -32,8 +32,8 @@ class SwarmModelBase(ABC):
             self.generation_config = GenerationConfig.from_model_config(self.config)
 
     @abstractmethod
-    def open_chain(self, batch_size: int) -> SpanChain:
-        """A fresh chain of spans covering every block, for one generation."""
+    def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
+        """A fresh chain of spans covering every block, for one generation of up to max_length tokens."""
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  streamer=None, **options) -> torch.Tensor:
@@ -41,7 +41,8 @@ class SwarmModelBase(ABC):
         if input_ids.dim() != 2:
             raise ValueError("input_ids must be [batch, prompt length]")
         config = merged_generation_config(self.generation_config, **options)
-        chain = self.open_chain(input_ids.shape[0])
+        max_length = input_ids.shape[1] + max_new_tokens_of(config, input_ids.shape[1])
+        chain = self.open_chain(input_ids.shape[0], max_length)
         try:
             return generate_with_chain(self.head, chain, input_ids, attention_mask, config, streamer)
         finally:
@@ -94,5 +95,5 @@ class LocalSpansModelForCausalLM(SwarmModelBase):
         loaded = [SpanModel.load(model_dir, a, b, dtype=dtype, progress=progress) for a, b in spans]
         return cls(model_dir, loaded, dtype)
 
-    def open_chain(self, batch_size: int) -> SpanChain:
+    def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
         return LocalSpanChain(self.spans)

@@ -1,0 +1,215 @@
+"""The peer's stream handlers: client sessions, pushes from the previous hop, and info.
+
+A session lives as long as its client stream: the handler task that reads that stream owns the
+session (its KV cache reservation and its push stream to the next hop) and frees it however the
+stream ends. Steps are computed in a worker thread (`trio.to_thread`) so the event loop keeps
+reading every socket while torch works; one compute at a time per peer (CapacityLimiter) keeps
+CPU threads from fighting. Results go to the next hop (push) or back to the client (last hop or
+relay mode). Any error in a step is answered with an `error` frame on the client's stream for
+that session; nothing in one session can affect another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import trio
+from libp2p.peer.id import ID
+
+from molink.dht.host import connect_peer
+from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, dial_framed
+from molink.dht.wire import Frame, encode_tensor
+from molink.peer import protocol as p
+from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
+from molink.peer.span import SpanModel
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 10.0
+NEXT_HOP_CONNECT_TIMEOUT = 5.0
+WIRE_CODEC = "raw"  # loopback and LAN: zstd saves 8 % of fp32 bytes for more CPU than it saves
+
+
+@dataclass
+class PeerStats:
+    steps: int = 0
+    tokens: int = 0
+    sessions_opened: int = 0
+    errors: int = 0
+
+
+class InferenceHandler:
+    def __init__(self, span: SpanModel, model_key: str, registry: SessionRegistry, host,
+                 idle_timeout: float = 300.0, heartbeat_interval: float | None = 1.0):
+        self.span = span
+        self.model_key = model_key
+        self.registry = registry
+        self.host = host
+        self.idle_timeout = idle_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.compute_limiter = trio.CapacityLimiter(1)
+        self.stats = PeerStats()
+        self.leaving = False
+
+    # ------------------------------------------------------------------ client sessions
+
+    async def handle_inference(self, framed: FramedStream) -> None:
+        try:
+            first = await framed.receive(timeout=OPEN_TIMEOUT)
+        except STREAM_ERRORS:
+            return
+        if first.type != p.OPEN:
+            await self._send_error(framed, first.request_id, p.BAD_REQUEST, f"expected open, got {first.type!r}")
+            return
+        async with AsyncExitStack() as stack:
+            session = await self._open_session(framed, first, stack)
+            if session is None:
+                return
+            try:
+                await self._serve_session(framed, session)
+            finally:
+                self.registry.remove(session.session_id)
+
+    async def _open_session(self, framed: FramedStream, frame: Frame, stack: AsyncExitStack) -> ActiveSession | None:
+        try:
+            request = p.OpenRequest.from_body(frame.body, self.span.config.num_hidden_layers)
+            if request.model_key != self.model_key:
+                raise p.ProtocolError(p.WRONG_MODEL, "this peer serves another model (or other weights)")
+            if not self.span.start <= request.start < request.end <= self.span.end:
+                raise p.ProtocolError(p.WRONG_MODEL, f"this peer serves blocks [{self.span.start}, {self.span.end})")
+            if self.leaving:
+                raise p.ProtocolError(p.BUSY, "peer is leaving the swarm")
+            session = ActiveSession(
+                session_id=request.session_id,
+                span_session=self.span.new_session(request.start, request.end),
+                batch_size=request.batch_size, max_length=request.max_length,
+                reserved_tokens=request.batch_size * request.max_length,
+                client_stream=framed, next_hop=request.next)
+            try:
+                self.registry.add(session)
+            except CacheBudgetExceeded as exc:
+                raise p.ProtocolError(p.BUSY, str(exc)) from exc
+            except ValueError as exc:
+                raise p.ProtocolError(p.BAD_REQUEST, str(exc)) from exc
+            stack.callback(self.registry.remove, session.session_id)
+            if request.next is not None:
+                session.push_stream = await self._open_push_stream(request.next, stack)
+        except p.ProtocolError as exc:
+            await self._send_error(framed, frame.request_id, exc.code, str(exc))
+            return None
+        self.stats.sessions_opened += 1
+        await framed.send(Frame(p.OPENED, frame.request_id, {"start": request.start, "end": request.end}))
+        return session
+
+    async def _open_push_stream(self, next_hop: p.NextHop, stack: AsyncExitStack) -> FramedStream:
+        try:
+            peer_id = ID.from_base58(next_hop.peer_id)
+            addrs = [a if "/p2p/" in a else f"{a}/p2p/{next_hop.peer_id}" for a in next_hop.addrs]
+            await connect_peer(self.host, addrs, timeout=NEXT_HOP_CONNECT_TIMEOUT)
+            return await stack.enter_async_context(dial_framed(self.host, peer_id, p.PUSH_PROTOCOL,
+                                                               limits=p.PEER_WIRE_LIMITS))
+        except Exception as exc:  # any failure to reach the next hop is the client's to route around
+            raise p.ProtocolError(p.NEXT_HOP_UNREACHABLE, f"cannot reach next hop {next_hop.peer_id}: {exc}") from exc
+
+    async def _serve_session(self, framed: FramedStream, session: ActiveSession) -> None:
+        while True:
+            idle_left = self.idle_timeout - (time.monotonic() - session.last_used)
+            if idle_left <= 0:
+                await self._send_error(framed, 0, p.SESSION_EXPIRED, f"session idle for {self.idle_timeout:.0f} s")
+                return
+            try:
+                frame = await framed.receive(timeout=idle_left)
+            except ReceiveTimeout:
+                continue  # re-check: pushes may have kept the session busy meanwhile
+            except STREAM_ERRORS as exc:
+                if not isinstance(exc, ClosedByPeer):
+                    logger.info("session %s: client stream ended: %s", session.session_id.hex()[:8], exc)
+                return
+            if frame.type == p.STEP:
+                await self._step(session, frame, relay=bool(frame.body.get("relay", False)))
+            elif frame.type == p.CLOSE:
+                await framed.send(Frame(p.CLOSED, frame.request_id, {}))
+                return
+            else:
+                await self._send_error(framed, frame.request_id, p.BAD_REQUEST, f"unexpected {frame.type!r}")
+
+    # ------------------------------------------------------------------ pushes from the previous hop
+
+    async def handle_push(self, framed: FramedStream) -> None:
+        while True:
+            try:
+                frame = await framed.receive(timeout=self.idle_timeout)
+            except STREAM_ERRORS:
+                return
+            if frame.type != p.PUSH:
+                return  # peers speak this protocol correctly or not at all
+            try:
+                session_id = p._session_id(frame.body.get("session_id"))
+            except p.ProtocolError:
+                return
+            session = self.registry.get(session_id)
+            if session is None:
+                continue  # closed meanwhile (or never ours): the client will time out or has moved on
+            await self._step(session, frame, relay=False)
+
+    # ------------------------------------------------------------------ one step
+
+    async def _step(self, session: ActiveSession, frame: Frame, relay: bool) -> None:
+        session.touch()
+        step = frame.body.get("step")
+        try:
+            if type(step) is not int or step < 0:
+                raise p.ProtocolError(p.BAD_REQUEST, "step must be a non-negative integer")
+            hidden, mask = p.decode_step_tensors(frame.body, p.PEER_WIRE_LIMITS, self.span.config.hidden_size,
+                                                 session.batch_size, session.room)
+            out = await trio.to_thread.run_sync(self.span.step, session.span_session, hidden, mask,
+                                                limiter=self.compute_limiter)
+        except p.ProtocolError as exc:
+            self.stats.errors += 1
+            await self._send_error(session.client_stream, frame.request_id, exc.code, str(exc), step)
+            return
+        except Exception as exc:
+            self.stats.errors += 1
+            logger.exception("session %s: step %s failed", session.session_id.hex()[:8], step)
+            await self._send_error(session.client_stream, frame.request_id, p.INTERNAL, f"step failed: {exc}", step)
+            return
+        self.stats.steps += 1
+        self.stats.tokens += hidden.shape[0] * hidden.shape[1]
+        session.steps_done += 1
+        session.touch()
+        tensor = encode_tensor(out, codec=WIRE_CODEC)
+        if relay or session.push_stream is None:
+            target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, {"step": step, "hidden": tensor})
+        else:
+            target = session.push_stream
+            reply = Frame(p.PUSH, frame.request_id, {"session_id": session.next_hop.session_id, "step": step,
+                                                     "hidden": tensor, "mask": frame.body["mask"]})
+        try:
+            await target.send(reply)
+        except STREAM_ERRORS as exc:
+            code = p.NEXT_HOP_UNREACHABLE if target is session.push_stream else p.INTERNAL
+            await self._send_error(session.client_stream, frame.request_id, code, f"forwarding failed: {exc}", step)
+
+    async def _send_error(self, framed: FramedStream, request_id: int, code: str, message: str,
+                          step: int | None = None) -> None:
+        try:
+            await framed.send(p.error_frame(request_id, code, message, step))
+        except STREAM_ERRORS:
+            pass  # the client is gone: nobody left to tell
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> dict:
+        return {"peer_id": self.host.get_id().to_base58(), "model_key": self.model_key,
+                "start": self.span.start, "end": self.span.end, "sessions": len(self.registry),
+                "free_cache_tokens": self.registry.free_tokens, "steps": self.stats.steps}
+
+    async def handle_info(self, framed: FramedStream) -> None:
+        try:
+            frame = await framed.receive(timeout=OPEN_TIMEOUT)
+            await framed.send(Frame(p.INFO, frame.request_id, self.info()))
+        except STREAM_ERRORS:
+            return

@@ -1,0 +1,159 @@
+"""The inference protocol between clients and peers: ids, frame types, and checked request bodies.
+
+One place for every protocol constant. Streams (see molink.dht.streams) carry frames:
+
+client -> peer, on INFERENCE_PROTOCOL (one long-lived stream per session per hop)
+  open   {session_id, model_key, start, end, batch_size, max_length, next}  -> opened | error
+         next = {peer_id, addrs, session_id} of the following hop, or None for the last hop
+  step   {step, hidden, mask, relay}  -> result (last hop, or relay=True) | pushed on to next
+  close  {}                            -> closed
+peer -> next peer, on PUSH_PROTOCOL (one stream per session per hop)
+  push   {session_id, step, hidden, mask}   (no reply: errors go to the client's stream)
+anyone -> peer, on INFO_PROTOCOL
+  info   {}  -> info {peer_id, model_key, start, end, throughput, sessions, free_cache_tokens, version}
+Errors are `error {code, message, step}`; codes below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from molink.dht.wire import Frame, WireError, WireLimits, decode_tensor
+
+INFERENCE_PROTOCOL = "/molink/inference/1.0.0"
+PUSH_PROTOCOL = "/molink/push/1.0.0"
+INFO_PROTOCOL = "/molink/info/1.0.0"
+
+OPEN, OPENED, STEP, RESULT, CLOSE, CLOSED, PUSH, INFO, ERROR = (
+    "open", "opened", "step", "result", "close", "closed", "push", "info", "error")
+
+# error codes
+BAD_REQUEST = "bad_request"  # malformed or out-of-range input: the sender's fault
+BUSY = "busy"  # no room for the session's cache now: try another replica
+WRONG_MODEL = "wrong_model"  # the peer serves other weights or other blocks
+NEXT_HOP_UNREACHABLE = "next_hop_unreachable"
+INTERNAL = "internal"  # the peer failed computing: not the sender's fault
+SESSION_EXPIRED = "session_expired"
+
+SESSION_ID_BYTES = 16
+MAX_BATCH = 64
+MAX_SESSION_TOKENS = 1 << 20
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# hidden states of one chunk travel in one frame: room for a 4096-token prefill at 8192 wide in fp32
+PEER_WIRE_LIMITS = WireLimits(max_frame_bytes=160 * 1024 * 1024, max_tensor_bytes=144 * 1024 * 1024)
+
+
+class ProtocolError(Exception):
+    """A request that is well-formed on the wire but wrong for this protocol."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error_frame(request_id: int, code: str, message: str, step: int | None = None) -> Frame:
+    return Frame(ERROR, request_id, {"code": code, "message": message[:500], "step": step})
+
+
+def _field(body: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(BAD_REQUEST, f"field {name!r} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _int_in(body: dict, name: str, low: int, high: int) -> int:
+    value = _field(body, name, int)
+    if not low <= value <= high:
+        raise ProtocolError(BAD_REQUEST, f"field {name!r}={value} outside [{low}, {high}]")
+    return value
+
+
+def _session_id(value: Any, name: str = "session_id") -> bytes:
+    if not isinstance(value, bytes) or len(value) != SESSION_ID_BYTES:
+        raise ProtocolError(BAD_REQUEST, f"{name} must be {SESSION_ID_BYTES} bytes")
+    return value
+
+
+@dataclass(frozen=True)
+class NextHop:
+    peer_id: str
+    addrs: list[str]
+    session_id: bytes
+
+    def to_body(self) -> dict:
+        return {"peer_id": self.peer_id, "addrs": self.addrs, "session_id": self.session_id}
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    session_id: bytes
+    model_key: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    next: NextHop | None
+
+    def to_body(self) -> dict:
+        return {"session_id": self.session_id, "model_key": self.model_key, "start": self.start, "end": self.end,
+                "batch_size": self.batch_size, "max_length": self.max_length,
+                "next": None if self.next is None else self.next.to_body()}
+
+    @classmethod
+    def from_body(cls, body: dict, num_blocks: int) -> "OpenRequest":
+        start = _int_in(body, "start", 0, num_blocks - 1)
+        end = _int_in(body, "end", start + 1, num_blocks)
+        nxt = body.get("next")
+        next_hop = None
+        if nxt is not None:
+            if not isinstance(nxt, dict):
+                raise ProtocolError(BAD_REQUEST, "next must be a map or nil")
+            addrs = _field(nxt, "addrs", list)
+            if not 1 <= len(addrs) <= 16 or not all(isinstance(a, str) and len(a) < 512 for a in addrs):
+                raise ProtocolError(BAD_REQUEST, "next.addrs must be 1..16 multiaddr strings")
+            peer_id = _field(nxt, "peer_id", str)
+            if len(peer_id) > 128:
+                raise ProtocolError(BAD_REQUEST, "next.peer_id too long")
+            next_hop = NextHop(peer_id, addrs, _session_id(nxt.get("session_id"), "next.session_id"))
+        model_key = _field(body, "model_key", str)
+        if len(model_key) > 256:
+            raise ProtocolError(BAD_REQUEST, "model_key too long")
+        return cls(
+            session_id=_session_id(body.get("session_id")),
+            model_key=model_key,
+            start=start,
+            end=end,
+            batch_size=_int_in(body, "batch_size", 1, MAX_BATCH),
+            max_length=_int_in(body, "max_length", 1, MAX_SESSION_TOKENS),
+            next=next_hop,
+        )
+
+
+def decode_step_tensors(body: dict, limits: WireLimits, hidden_size: int, batch_size: int,
+                        room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [batch, new, hidden] (float) and their 0/1 mask [batch, new], checked."""
+    try:
+        hidden = decode_tensor(body.get("hidden"), limits)
+        mask = decode_tensor(body.get("mask"), limits)
+    except WireError as exc:
+        raise ProtocolError(BAD_REQUEST, f"bad tensor: {exc}") from exc
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ProtocolError(BAD_REQUEST, f"hidden states must be float, got {hidden.dtype}")
+    if hidden.dim() != 3 or hidden.shape[0] != batch_size or hidden.shape[2] != hidden_size:
+        raise ProtocolError(BAD_REQUEST, f"hidden states must be [{batch_size}, n, {hidden_size}], "
+                                         f"got {list(hidden.shape)}")
+    new_tokens = hidden.shape[1]
+    if not 1 <= new_tokens <= room:
+        raise ProtocolError(BAD_REQUEST, f"{new_tokens} new tokens do not fit the session's {room} left")
+    if mask.dtype not in (torch.int64, torch.int32, torch.uint8, torch.bool) or list(mask.shape) != [batch_size, new_tokens]:
+        raise ProtocolError(BAD_REQUEST, f"mask must be an integer [{batch_size}, {new_tokens}] tensor")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ProtocolError(BAD_REQUEST, "mask values must be 0 or 1")
+    if not bool(torch.isfinite(hidden).all()):
+        raise ProtocolError(BAD_REQUEST, "hidden states hold NaN or inf")
+    return hidden, mask.long()

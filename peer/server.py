@@ -1,0 +1,176 @@
+"""The volunteer node: host a span, announce it, serve sessions until told to leave.
+
+Life of a peer: load the span (progress bar) -> measure its throughput -> start the libp2p host
+and the DHT -> bootstrap -> register handlers -> announce (signed record, re-announced every
+ANNOUNCE_INTERVAL) -> write the ready file -> serve. SIGINT/SIGTERM: stop taking sessions,
+withdraw the record, give open sessions a short grace to finish, close the host, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+
+from molink.crypto.identity import Identity
+from molink.dht.host import p2p_addrs, running_host, set_protocol_handler
+from molink.dht.kademlia import SwarmDHT
+from molink.dht.records import SpanRecord
+from molink.dht.streams import framed_handler
+from molink.peer import protocol as p
+from molink.peer.handler import InferenceHandler
+from molink.peer.memory_cache import SessionRegistry
+from molink.peer.model_key import model_key_for
+from molink.peer.span import SpanModel
+
+logger = logging.getLogger("molink.peer")
+
+VERSION = "molink/0.1.0"
+ANNOUNCE_INTERVAL = 30.0
+RECORD_TTL = 120.0
+STATUS_INTERVAL = 60.0
+LEAVE_GRACE = 3.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def write_ready_file(path: str | Path, content: str) -> None:
+    """Atomically: a reader sees nothing or the whole address, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(content + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class PeerConfig:
+    model_dir: Path
+    start: int
+    end: int
+    identity: Identity
+    initial_peers: list[str] = field(default_factory=list)
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    cache_tokens: int | None = None
+    max_cache_bytes: int = 1 << 30
+    idle_timeout: float = 300.0
+    ready_file: str | None = None
+    model_name: str | None = None
+    throughput: float | None = None  # measured at start when None
+
+
+def measure_throughput(span: SpanModel, steps: int = 8) -> float:
+    """Block-forwards per second for one decode token at batch 1 (SpanRecord.throughput's unit)."""
+    session = span.new_session(span.start, span.start + 1)
+    hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=span.dtype)
+    one = torch.ones(1, 1, dtype=torch.long)
+    span.step(session, hidden, one)  # warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        span.step(session, hidden, one)
+    return steps / max(time.perf_counter() - started, 1e-9)
+
+
+class PeerServer:
+    def __init__(self, config: PeerConfig, span: SpanModel, model_key: str, throughput: float):
+        self.config = config
+        self.span = span
+        self.model_key = model_key
+        self.throughput = throughput
+        budget = config.cache_tokens or max(1, config.max_cache_bytes // span.kv_bytes_per_token())
+        self.registry = SessionRegistry(budget)
+        self.handler: InferenceHandler | None = None
+        self.addrs: list[str] = []
+
+    @classmethod
+    def load(cls, config: PeerConfig) -> "PeerServer":
+        span = SpanModel.load(config.model_dir, config.start, config.end, dtype=config.dtype, device=config.device)
+        model_key = model_key_for(config.model_dir, config.model_name)
+        throughput = config.throughput or measure_throughput(span)
+        logger.info("serving blocks [%d, %d) of %s: %.0f block-steps/s, model key %s",
+                    config.start, config.end, config.model_dir, throughput, model_key)
+        return cls(config, span, model_key, throughput)
+
+    def record(self) -> SpanRecord | None:
+        if self.handler is None or self.handler.leaving:
+            return None
+        return SpanRecord.create(self.config.identity, self.model_key, self.span.start, self.span.end, self.addrs,
+                                 self.throughput, self.registry.free_tokens, VERSION, ttl=RECORD_TTL)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with running_host(self.config.identity.keypair, self.config.listen) as host:
+            self.addrs = [str(a).split("/p2p/")[0] for a in p2p_addrs(host)]
+            dht = SwarmDHT(host, self.config.identity)
+            async with dht.running():
+                await dht.bootstrap(self.config.initial_peers)
+                self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
+                                                          idle_timeout=self.config.idle_timeout)
+                set_protocol_handler(host, p.INFERENCE_PROTOCOL, framed_handler(
+                    handler.handle_inference, limits=p.PEER_WIRE_LIMITS, receive_timeout=self.config.idle_timeout))
+                set_protocol_handler(host, p.PUSH_PROTOCOL, framed_handler(
+                    handler.handle_push, limits=p.PEER_WIRE_LIMITS))
+                set_protocol_handler(host, p.INFO_PROTOCOL, framed_handler(handler.handle_info))
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(dht.run_announcer, self.record, ANNOUNCE_INTERVAL)
+                    full_addr = str(p2p_addrs(host)[0])
+                    logger.info("peer %s ready at %s", host.get_id().to_base58(), full_addr)
+                    if self.config.ready_file:
+                        write_ready_file(self.config.ready_file, full_addr)
+                    nursery.start_soon(self._status_log)
+                    task_status.started(full_addr)
+                    await self._wait_for_signal()
+                    await self._leave(dht)
+                    nursery.cancel_scope.cancel()
+        logger.info("peer stopped")
+
+    async def _wait_for_signal(self) -> None:
+        with trio.open_signal_receiver(*SIGNALS) as signals:
+            async for signum in signals:
+                logger.info("got %s: leaving the swarm", signal.Signals(signum).name)
+                return
+
+    async def _leave(self, dht: SwarmDHT) -> None:
+        self.handler.leaving = True
+        with trio.move_on_after(5):
+            try:
+                await dht.withdraw(self.model_key, version=VERSION, ttl=RECORD_TTL)
+            except Exception as exc:
+                logger.warning("could not withdraw the span record: %s", exc)
+        with trio.move_on_after(LEAVE_GRACE):  # let steps in flight finish
+            while any(time.monotonic() - s.last_used < 1.0 for s in self.registry.sessions.values()):
+                await trio.sleep(0.1)
+        if self.registry.sessions:
+            logger.info("closing %d open session(s)", len(self.registry))
+
+    async def _status_log(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            stats = self.handler.stats
+            logger.info("status: blocks [%d, %d), %d session(s) open, %d steps / %d tokens served, "
+                        "cache %d/%d tokens free, %d error(s)", self.span.start, self.span.end, len(self.registry),
+                        stats.steps, stats.tokens, self.registry.free_tokens, self.registry.budget_tokens,
+                        stats.errors)
+
+
+async def run_bootstrap_node(identity: Identity, listen: list[str], ready_file: str | None,
+                             initial_peers: list[str] = ()) -> None:
+    """A DHT-only node: the swarm's meeting point. Serves no blocks."""
+    async with running_host(identity.keypair, listen) as host:
+        dht = SwarmDHT(host, identity)
+        async with dht.running():
+            if initial_peers:
+                await dht.bootstrap(list(initial_peers))
+            full_addr = str(p2p_addrs(host)[0])
+            logger.info("bootstrap node %s ready at %s", host.get_id().to_base58(), full_addr)
+            if ready_file:
+                write_ready_file(ready_file, full_addr)
+            with trio.open_signal_receiver(*SIGNALS) as signals:
+                async for signum in signals:
+                    logger.info("got %s: stopping", signal.Signals(signum).name)
+                    break

@@ -1,0 +1,105 @@
+"""`DistributedModelForCausalLM`: the model, with its blocks served by the swarm.
+
+    from molink.swarm import DistributedModelForCausalLM
+    with DistributedModelForCausalLM.from_pretrained(path_or_id, initial_peers=[...]) as model:
+        out = model.generate(input_ids, max_new_tokens=32)
+
+Only the client-side pieces load here. A background trio loop (molink.swarm.loop) runs a libp2p
+host and a DHT client; each generation finds the model's spans in the DHT, builds a route and
+opens a RemoteSession along it. `close()` stops the loop: no threads or sockets stay behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import trio
+
+from molink.crypto.identity import Identity, load_or_create_identity
+from molink.dht.host import running_host
+from molink.dht.kademlia import SwarmDHT
+from molink.dht.records import SpanRecord
+from molink.peer.checkpoint import resolve_model_dir
+from molink.peer.model_key import model_key_for
+from molink.swarm.inference_session import RemoteSession
+from molink.swarm.loop import BackgroundLoop
+from molink.swarm.model import SwarmModelBase
+from molink.swarm.routing import RouteHop, make_route
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_TIMEOUT = 15.0
+
+
+class RemoteSpanChain:
+    """The synchronous face of one RemoteSession (generation runs in the caller's thread)."""
+
+    def __init__(self, loop: BackgroundLoop, session: RemoteSession):
+        self.loop, self.session = loop, session
+
+    def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        return self.loop.call(self.session.step, hidden_states, new_mask)
+
+    def close(self) -> None:
+        self.loop.call(self.session.close)
+
+
+class DistributedModelForCausalLM(SwarmModelBase):
+    def __init__(self, model_dir: Path, initial_peers: list[str], dtype: torch.dtype = torch.float32,
+                 relay: bool = False, identity: Identity | None = None, model_name: str | None = None):
+        super().__init__(model_dir, dtype)
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: give at least one bootstrap multiaddr")
+        self.initial_peers = list(initial_peers)
+        self.relay = relay
+        self.model_key = model_key_for(model_dir, model_name)
+        self.identity = identity or Identity.generate()
+        self.last_route: list[RouteHop] = []
+        self._shutdown: trio.Event | None = None
+        self._loop = BackgroundLoop()
+        try:
+            self.host, self.dht = self._loop.call(self._loop.nursery.start, self._network)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, initial_peers: list[str], *, dtype: torch.dtype = torch.float32,
+                        relay: bool = False, identity_path: str | None = None,
+                        model_name: str | None = None) -> "DistributedModelForCausalLM":
+        identity = load_or_create_identity(identity_path) if identity_path else None
+        return cls(resolve_model_dir(path_or_id), initial_peers, dtype, relay, identity, model_name)
+
+    async def _network(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._shutdown = trio.Event()
+        async with running_host(self.identity.keypair, ["/ip4/127.0.0.1/tcp/0"]) as host:
+            dht = SwarmDHT(host, self.identity)
+            async with dht.running():
+                joined = await dht.bootstrap(self.initial_peers, timeout=BOOTSTRAP_TIMEOUT)
+                if joined == 0:
+                    raise ConnectionError(f"none of the initial peers answered: {self.initial_peers}")
+                task_status.started((host, dht))
+                await self._shutdown.wait()
+
+    def find_spans(self) -> list[SpanRecord]:
+        return self._loop.call(self.dht.find_spans, self.model_key)
+
+    def open_chain(self, batch_size: int, max_length: int) -> RemoteSpanChain:
+        route = make_route(self.find_spans(), self.config.num_hidden_layers)
+        self.last_route = route
+        session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
+                                self.config.hidden_size, relay=self.relay)
+        self._loop.call(self._loop.nursery.start, session.run)
+        return RemoteSpanChain(self._loop, session)
+
+    def close(self) -> None:
+        if self._shutdown is not None and self._loop is not None:
+            try:
+                trio.from_thread.run_sync(self._shutdown.set, trio_token=self._loop._token)
+            except (trio.RunFinishedError, RuntimeError):
+                pass
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None

@@ -1,0 +1,198 @@
+"""One generation's sessions on every peer of its route, and the steps that run through them.
+
+The client opens one long-lived stream per hop. In push mode (the default) a step goes to the
+first peer only; each peer pushes its output straight to the next, and the last peer answers on
+the client's stream to it: k+1 one-way hops per token instead of k round trips. In relay mode the
+client sends each hop its input and waits for its output (for debugging and for comparison).
+Every stream is read all the time, so an error from any hop fails the step at once; heartbeats
+on every stream detect a frozen peer within `HEARTBEAT_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import AsyncExitStack
+
+import torch
+import trio
+from libp2p.peer.id import ID
+
+from molink.dht.host import connect_peer
+from molink.dht.streams import STREAM_ERRORS, FramedStream, dial_framed
+from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
+from molink.peer import protocol as p
+from molink.swarm.routing import RouteHop
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TIMEOUT = 5.0
+OPEN_TIMEOUT = 15.0
+DEFAULT_STEP_TIMEOUT = 120.0
+WIRE_CODEC = "raw"
+
+
+class InferenceError(Exception):
+    """A step or an open failed on one peer of the route."""
+
+    def __init__(self, message: str, peer_id: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.peer_id = peer_id
+        self.code = code
+
+
+class RemoteSession:
+    def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
+                 hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT):
+        self.host = host
+        self.route = route
+        self.model_key = model_key
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.hidden_size = hidden_size
+        self.relay = relay
+        self.step_timeout = step_timeout
+        self.streams: list[FramedStream] = []
+        self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
+        self._closing = trio.Event()
+        self._closed = trio.Event()
+        self._step = 0
+        self._failure: Exception | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the streams: open every hop, serve steps until close(). Start with nursery.start."""
+        started = False
+        try:
+            async with AsyncExitStack() as stack:
+                await self._open_streams(stack)
+                async with trio.open_nursery() as nursery:
+                    for index, stream in enumerate(self.streams):
+                        nursery.start_soon(self._pump, index, stream)
+                    await self._open_sessions()
+                    started = True
+                    task_status.started()
+                    await self._closing.wait()
+                    await self._say_goodbye()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if not started:
+                raise
+            self._failure = exc
+            logger.debug("session ended with %r", exc)
+        finally:
+            self._closed.set()
+
+    async def close(self) -> None:
+        self._closing.set()
+        with trio.move_on_after(5):
+            await self._closed.wait()
+
+    async def _open_streams(self, stack: AsyncExitStack) -> None:
+        for hop in self.route:
+            addrs = [a if "/p2p/" in a else f"{a}/p2p/{hop.peer_id}" for a in hop.record.addrs]
+            try:
+                await connect_peer(self.host, addrs, timeout=OPEN_TIMEOUT)
+                stream = await stack.enter_async_context(dial_framed(
+                    self.host, ID.from_base58(hop.peer_id), p.INFERENCE_PROTOCOL, limits=p.PEER_WIRE_LIMITS,
+                    heartbeat_interval=HEARTBEAT_INTERVAL, heartbeat_timeout=HEARTBEAT_TIMEOUT))
+            except Exception as exc:
+                raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id) from exc
+            self.streams.append(stream)
+
+    async def _open_sessions(self) -> None:
+        session_ids = [os.urandom(p.SESSION_ID_BYTES) for _ in self.route]
+        for index, (hop, stream) in enumerate(zip(self.route, self.streams)):
+            nxt = None
+            if index + 1 < len(self.route) and not self.relay:
+                following = self.route[index + 1]
+                nxt = p.NextHop(following.peer_id, list(following.record.addrs), session_ids[index + 1])
+            request = p.OpenRequest(session_ids[index], self.model_key, hop.start, hop.end, self.batch_size,
+                                    self.max_length, nxt)
+            await stream.send(Frame(p.OPEN, index + 1, request.to_body()))
+        waiting = set(range(len(self.route)))
+        with trio.fail_after(OPEN_TIMEOUT):
+            while waiting:
+                index, frame = await self._next_event()
+                if frame.type == p.OPENED:
+                    waiting.discard(index)
+
+    async def _say_goodbye(self) -> None:
+        with trio.move_on_after(2):
+            for index, stream in enumerate(self.streams):
+                try:
+                    await stream.send(Frame(p.CLOSE, 0, {}))
+                except STREAM_ERRORS:
+                    pass
+
+    async def _pump(self, index: int, stream: FramedStream) -> None:
+        """Read one hop's stream forever, forwarding frames (or its failure) to the step in flight."""
+        while True:
+            try:
+                frame = await stream.receive(timeout=math.inf)
+            except STREAM_ERRORS as exc:
+                await self._events_send.send((index, exc))
+                return
+            await self._events_send.send((index, frame))
+
+    # ------------------------------------------------------------------ steps
+
+    async def _expect(self, index: int, frame_type: str, timeout: float, step: int | None = None) -> Frame:
+        with trio.fail_after(timeout):
+            while True:
+                hop, event = await self._next_event()
+                if hop == index and event.type == frame_type and (step is None or event.body.get("step") == step):
+                    return event
+                # anything else is stale (a late answer to an earlier, failed step): drop it
+
+    async def _next_event(self) -> tuple[int, Frame]:
+        """The next frame from any hop; a hop's failure or error frame raises InferenceError."""
+        hop, event = await self._events_recv.receive()
+        peer_id = self.route[hop].peer_id
+        if isinstance(event, Exception):
+            raise InferenceError(f"peer {peer_id} failed: {event}", peer_id) from event
+        if event.type == p.ERROR:
+            code, message = event.body.get("code"), event.body.get("message")
+            raise InferenceError(f"peer {peer_id} answered {code}: {message}", peer_id, code)
+        return hop, event
+
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        if self._closing.is_set() or self._failure is not None:
+            raise InferenceError(f"session is closed ({self._failure})")
+        self._step += 1
+        step = self._step
+        mask = encode_tensor(new_mask.to(torch.int64), codec="raw")
+        try:
+            if self.relay:
+                for index, stream in enumerate(self.streams):
+                    hidden_states = await self._send_and_wait(index, index, step, hidden_states, mask, relay=True)
+                return hidden_states
+            return await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, mask, relay=False)
+        except trio.TooSlowError:
+            raise InferenceError(f"step {step} got no answer within {self.step_timeout} s") from None
+
+    async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,
+                             mask: dict, relay: bool) -> torch.Tensor:
+        body = {"step": step, "hidden": encode_tensor(hidden, codec=WIRE_CODEC), "mask": mask, "relay": relay}
+        try:
+            await self.streams[send_to].send(Frame(p.STEP, step, body))
+        except STREAM_ERRORS as exc:
+            peer_id = self.route[send_to].peer_id
+            raise InferenceError(f"peer {peer_id} failed: {exc}", peer_id) from exc
+        reply = await self._expect(answer_from, p.RESULT, self.step_timeout, step)
+        return self._checked_hidden(reply, answer_from, hidden.shape[1])
+
+    def _checked_hidden(self, reply: Frame, index: int, new_tokens: int) -> torch.Tensor:
+        peer_id = self.route[index].peer_id
+        try:
+            out = decode_tensor(reply.body.get("hidden"), p.PEER_WIRE_LIMITS)
+        except WireError as exc:
+            raise InferenceError(f"peer {peer_id} sent a bad tensor: {exc}", peer_id, p.BAD_REQUEST) from exc
+        expected = [self.batch_size, new_tokens, self.hidden_size]
+        if list(out.shape) != expected or out.dtype not in p.FLOAT_DTYPES:
+            raise InferenceError(f"peer {peer_id} sent {out.dtype} {list(out.shape)}, expected {expected}",
+                                 peer_id, p.BAD_REQUEST)
+        return out

@@ -1,0 +1,309 @@
+"""Span records: schema, signatures, expiry, selection, model keys, weights fingerprints."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import replace
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from molink.crypto.identity import Identity
+from molink.crypto.signing import sign_record
+from molink.dht.records import (
+    ANNOUNCE_KIND,
+    MAX_RECORD_BYTES,
+    MAX_TTL,
+    WITHDRAW_KIND,
+    BadSignature,
+    ForgedRecord,
+    MalformedRecord,
+    RecordError,
+    RecordExpired,
+    RecordFromFuture,
+    RecordTooLarge,
+    SpanRecord,
+    WrongKey,
+    best_record_index,
+    decode_and_verify,
+    encode_envelope,
+    model_dht_key,
+    weights_fingerprint,
+)
+
+ALICE = Identity(bytes(range(32)))
+MALLORY = Identity(bytes(range(1, 33)))
+MODEL = model_dht_key("tiny-llama", {"hidden_size": 64, "num_hidden_layers": 8}, "00" * 32)
+ADDR = "/ip4/127.0.0.1/tcp/4001"
+
+
+def make(identity: Identity = ALICE, **overrides) -> SpanRecord:
+    record = SpanRecord.create(identity, MODEL, 2, 6, [ADDR], 123.5, 4096, "0.1.0")
+    return replace(record, **overrides) if overrides else record
+
+
+def envelope_of(record_dict: dict, sig: bytes) -> bytes:
+    return encode_envelope(record_dict, sig)
+
+
+def test_round_trip() -> None:
+    record = make()
+    decoded = decode_and_verify(record.sign(ALICE), expected_model_key=MODEL,
+                                expected_peer_id=ALICE.peer_id.to_base58())
+    assert decoded == record
+    assert decoded.addrs == (ADDR,) and not decoded.is_withdrawal
+
+
+def test_withdrawal_round_trip_and_kind() -> None:
+    withdrawal = SpanRecord.withdrawal(ALICE, MODEL, "0.1.0")
+    assert withdrawal.is_withdrawal and withdrawal.kind == WITHDRAW_KIND
+    assert decode_and_verify(withdrawal.sign(ALICE)) == withdrawal
+
+
+def test_forged_key_not_matching_peer_id() -> None:
+    # Mallory signs correctly with her key but names Alice as the peer: forged.
+    d = make(public_key=MALLORY.public_key).to_dict()
+    with pytest.raises(ForgedRecord):
+        decode_and_verify(envelope_of(d, sign_record(MALLORY, ANNOUNCE_KIND, d)))
+
+
+def test_signed_by_another_key() -> None:
+    # Alice's id and key, Mallory's signature.
+    d = make().to_dict()
+    with pytest.raises(BadSignature):
+        decode_and_verify(envelope_of(d, sign_record(MALLORY, ANNOUNCE_KIND, d)))
+
+
+def test_sign_refuses_foreign_identity() -> None:
+    with pytest.raises(ValueError):
+        make().sign(MALLORY)
+
+
+@pytest.mark.parametrize("sig", [b"", b"\x00" * 64, b"\x01" * 63, "not bytes", None])
+def test_unsigned_or_garbage_signature(sig) -> None:
+    d = make().to_dict()
+    with pytest.raises(BadSignature):
+        decode_and_verify(msgpack.packb({"record": d, "sig": sig}, use_bin_type=True))
+
+
+def test_missing_signature_field() -> None:
+    with pytest.raises(MalformedRecord):
+        decode_and_verify(msgpack.packb({"record": make().to_dict()}, use_bin_type=True))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("start", 0), ("end", 8), ("addrs", ["/ip4/6.6.6.6/tcp/1"]), ("throughput", 9e9),
+    ("free_cache_tokens", 1), ("seq", 1), ("version", "9.9.9"),
+])
+def test_tampered_field(field, value) -> None:
+    record = make()
+    d = record.to_dict()
+    sig = sign_record(ALICE, ANNOUNCE_KIND, d)
+    tampered = dict(d, **{field: value})
+    with pytest.raises(BadSignature):
+        decode_and_verify(envelope_of(tampered, sig))
+
+
+def test_expired_and_far_future() -> None:
+    now = time.time()
+    with pytest.raises(RecordExpired):
+        decode_and_verify(make(expires_at=now - 1).sign(ALICE), now=now)
+    with pytest.raises(RecordFromFuture):
+        decode_and_verify(make(expires_at=now + MAX_TTL * 2).sign(ALICE), now=now)
+    # the same bytes are fine at a time when they are live
+    data = make(expires_at=now + 100).sign(ALICE)
+    decode_and_verify(data, now=now)
+    with pytest.raises(RecordExpired):
+        decode_and_verify(data, now=now + 101)
+
+
+def test_oversized_rejected_before_decoding() -> None:
+    # Not even msgpack: the size check must fire first.
+    with pytest.raises(RecordTooLarge):
+        decode_and_verify(b"\xc1" * (MAX_RECORD_BYTES + 1))
+    with pytest.raises(RecordTooLarge):
+        decode_and_verify(make().sign(ALICE), max_bytes=64)
+
+
+def test_withdrawal_signature_is_not_an_announcement() -> None:
+    d = make().to_dict()
+    with pytest.raises(BadSignature):
+        decode_and_verify(envelope_of(d, sign_record(ALICE, WITHDRAW_KIND, d)))
+    w = SpanRecord.withdrawal(ALICE, MODEL, "0.1.0").to_dict()
+    with pytest.raises(BadSignature):
+        decode_and_verify(envelope_of(w, sign_record(ALICE, ANNOUNCE_KIND, w)))
+
+
+def test_wrong_model_or_peer_for_key() -> None:
+    data = make().sign(ALICE)
+    with pytest.raises(WrongKey):
+        decode_and_verify(data, expected_model_key="f" * 40)
+    with pytest.raises(WrongKey):
+        decode_and_verify(data, expected_peer_id=MALLORY.peer_id.to_base58())
+
+
+@pytest.mark.parametrize("overrides", [
+    {"start": 5, "end": 4}, {"start": -1}, {"end": 1 << 20}, {"addrs": [ADDR] * 17},
+    {"addrs": ["not a multiaddr"]}, {"addrs": ["/ip4/1.2.3.4/tcp/1" + "0" * 300]},
+    {"throughput": float("nan")}, {"throughput": -1.0}, {"free_cache_tokens": -5},
+    {"version": ""}, {"version": "x" * 65}, {"seq": -1}, {"model_key": "ABC"},
+    {"public_key": b"\x00" * 31}, {"expires_at": float("inf")},
+    {"start": 3, "end": 3},  # a withdrawal must be [0, 0) with no addresses
+])
+def test_out_of_range_values(overrides) -> None:
+    d = dict(make().to_dict(), **overrides)
+    data = envelope_of(d, b"\x00" * 64)
+    with pytest.raises(MalformedRecord):
+        decode_and_verify(data)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("seq"),
+    lambda d: d.update(extra="field"),
+    lambda d: d.update(start=True),
+    lambda d: d.update(start=1.0),
+    lambda d: d.update(throughput=1),  # ints are not floats on the wire
+    lambda d: d.update(public_key="text"),
+    lambda d: d.update(addrs="/ip4/1.2.3.4/tcp/1"),
+    lambda d: d.update(addrs=[1, 2]),
+])
+def test_wrong_types(mutate) -> None:
+    d = make().to_dict()
+    mutate(d)
+    with pytest.raises(MalformedRecord):
+        decode_and_verify(envelope_of(d, sign_record(ALICE, ANNOUNCE_KIND, d)))
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00", b"\x93\x01\x02\x03", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}),
+    msgpack.packb({"record": 1, "sig": 2}), b"\xdd\xff\xff\xff\xff", b"\x91" * 3000,
+    msgpack.packb({"record": {}, "sig": b""}) + b"trailing",
+])
+def test_malformed_bytes(data) -> None:
+    with pytest.raises(MalformedRecord):
+        decode_and_verify(data)
+
+
+def test_highest_seq_selected() -> None:
+    now = time.time()
+    old, new = make(seq=10).sign(ALICE), make(seq=11).sign(ALICE)
+    assert best_record_index([old, new], now=now) == 1
+    assert best_record_index([new, old], now=now) == 0
+    # garbage, forged and expired values never win, whatever seq they claim
+    d = make(seq=99, public_key=MALLORY.public_key).to_dict()
+    forged = envelope_of(d, sign_record(MALLORY, ANNOUNCE_KIND, d))
+    expired = make(seq=100, expires_at=now - 1).sign(ALICE)
+    assert best_record_index([b"junk", forged, expired, old], now=now) == 3
+    # a withdrawal with a higher seq replaces the announcement
+    withdrawal = SpanRecord.withdrawal(ALICE, MODEL, "0.1.0").sign(ALICE)
+    assert best_record_index([new, withdrawal], now=now) == 1
+
+
+def test_seq_is_monotonic_and_refresh_bumps_it() -> None:
+    a, b = make(), make()
+    assert b.seq > a.seq
+    c = a.refreshed(ttl=60)
+    assert c.seq > b.seq and c.start == a.start and c.expires_at > a.expires_at - 200
+
+
+VALID = make(expires_at=time.time() + MAX_TTL - 60).sign(ALICE)  # live for the whole run
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=MAX_RECORD_BYTES + 10))
+def test_random_bytes_only_record_errors(data: bytes) -> None:
+    try:
+        decode_and_verify(data)
+    except RecordError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)),
+                min_size=1, max_size=8))
+def test_mutated_valid_record_never_crashes(edits) -> None:
+    data = bytearray(VALID)
+    for pos, byte in edits:
+        data[pos] = byte
+    try:
+        record = decode_and_verify(bytes(data))
+    except RecordError:
+        return
+    # a mutation that still verifies must have left the signed content untouched
+    assert record == decode_and_verify(VALID)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                  max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(make().to_dict())), _json | st.binary(max_size=40),
+                       max_size=11), st.binary(max_size=70))
+def test_structured_garbage_only_record_errors(fields, sig) -> None:
+    base = make().to_dict()
+    base.update(fields)
+    try:
+        decode_and_verify(msgpack.packb({"record": base, "sig": sig}, use_bin_type=True))
+    except RecordError:
+        pass
+
+
+def test_model_key_separates_weights_and_ignores_volatile_config() -> None:
+    config = {"hidden_size": 64, "num_hidden_layers": 8, "rope_theta": 10000.0}
+    k = model_dht_key("m", config, "aa")
+    assert len(k) == 40 and int(k, 16) >= 0
+    assert model_dht_key("m", config, "bb") != k
+    assert model_dht_key("m", dict(config, hidden_size=65), "aa") != k
+    assert model_dht_key("other", config, "aa") != k
+    noisy = dict(config, transformers_version="9.9", _name_or_path="/home/x", dtype="bfloat16")
+    assert model_dht_key("m", dict(reversed(list(noisy.items()))), "aa") == k
+
+
+def _write_safetensors(path, tensors: dict[str, bytes]) -> None:
+    header, offset = {}, 0
+    for name, data in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [offset,
+                                                                                offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(tensors.values()))
+
+
+def test_weights_fingerprint(tmp_path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    big = bytes(range(256)) * 100
+    _write_safetensors(a / "model.safetensors", {"w1": big, "w2": b"\x01" * 10})
+    _write_safetensors(b / "model.safetensors", {"w1": big, "w2": b"\x01" * 10})
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    # a "fine-tune": same names, shapes, sizes; one value in the middle of w1 changed
+    tuned = bytearray(big)
+    tuned[len(big) // 2] ^= 1
+    _write_safetensors(b / "model.safetensors", {"w1": bytes(tuned), "w2": b"\x01" * 10})
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    with pytest.raises(FileNotFoundError):
+        weights_fingerprint(tmp_path)
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 1 << 40))
+    with pytest.raises(ValueError):
+        weights_fingerprint(tmp_path)
+
+
+def test_weights_fingerprint_of_real_checkpoints(tiny_model_factory) -> None:
+    # Same architecture, same shard layout, different seeds: only the tensor data differs.
+    a = tiny_model_factory("llama", layers=2, shards=2)
+    b = tiny_model_factory("llama", layers=2, shards=2, seed=1)
+    assert len(list(a.glob("*.safetensors"))) == 2
+    fa, fb = weights_fingerprint(a), weights_fingerprint(b)
+    assert fa == weights_fingerprint(a) and fa != fb
+    config = json.loads((a / "config.json").read_text())
+    assert model_dht_key("tiny", config, fa) != model_dht_key("tiny", config, fb)
