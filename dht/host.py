@@ -80,7 +80,7 @@ _logging_configured = False
 
 
 def configure_libp2p_logging() -> None:
-    """libp2p at WARNING, into the application's logging; DEBUG when MOLINK_DEBUG_LIBP2P is set.
+    """libp2p silent (CRITICAL only), into the application's logging; DEBUG when MOLINK_DEBUG_LIBP2P is set.
 
     `import libp2p` runs its own `setup_logging()`, which sets `propagate=False` with no handler,
     so its records bypass the application's handlers and land on stderr via logging.lastResort.
@@ -95,7 +95,10 @@ def configure_libp2p_logging() -> None:
     root.propagate = True
     if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
         root.addHandler(logging.NullHandler())
-    root.setLevel(logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.WARNING)
+    # py-libp2p logs routine events (a dead DHT contact, a refused protocol) at WARNING and
+    # ERROR; our own code reports what a volunteer must know, so libp2p stays silent unless
+    # MOLINK_DEBUG_LIBP2P is set.
+    root.setLevel(logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.CRITICAL)
     # Some modules pin their own level (auto_connector sets INFO and logs every cycle): let
     # them inherit ours instead.
     for name, child in logging.Logger.manager.loggerDict.items():

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,14 +111,15 @@ class PeerServer:
             async with dht.running():
                 await dht.bootstrap(self.config.initial_peers)
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
-                                                          idle_timeout=self.config.idle_timeout)
+                                                          idle_timeout=self.config.idle_timeout,
+                                                          throughput=self.throughput)
                 set_protocol_handler(host, p.INFERENCE_PROTOCOL, framed_handler(
                     handler.handle_inference, limits=p.PEER_WIRE_LIMITS, receive_timeout=self.config.idle_timeout))
                 set_protocol_handler(host, p.PUSH_PROTOCOL, framed_handler(
                     handler.handle_push, limits=p.PEER_WIRE_LIMITS))
                 set_protocol_handler(host, p.INFO_PROTOCOL, framed_handler(handler.handle_info))
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(dht.run_announcer, self.record, ANNOUNCE_INTERVAL)
+                    await nursery.start(partial(dht.run_announcer, self.record, ANNOUNCE_INTERVAL, ttl=RECORD_TTL))
                     full_addr = str(p2p_addrs(host)[0])
                     logger.info("peer %s ready at %s", host.get_id().to_base58(), full_addr)
                     if self.config.ready_file:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import trio
+from libp2p.kad_dht.kad_dht import DHTMode
 
 from molink.crypto.identity import Identity, load_or_create_identity
 from molink.dht.host import running_host
@@ -75,7 +76,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
     async def _network(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._shutdown = trio.Event()
         async with running_host(self.identity.keypair, ["/ip4/127.0.0.1/tcp/0"]) as host:
-            dht = SwarmDHT(host, self.identity)
+            # client mode: a researcher's laptop (often behind NAT) must not become a DHT server
+            dht = SwarmDHT(host, self.identity, mode=DHTMode.CLIENT)
             async with dht.running():
                 joined = await dht.bootstrap(self.initial_peers, timeout=BOOTSTRAP_TIMEOUT)
                 if joined == 0:

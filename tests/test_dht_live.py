@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 
 import msgpack
 import trio
@@ -41,13 +41,15 @@ from molink.dht.records import (
 
 MODEL = model_dht_key("tiny-llama", {"num_hidden_layers": 12}, "ab" * 32)
 OTHER_MODEL = model_dht_key("tiny-llama", {"num_hidden_layers": 12}, "cd" * 32)
-TEST_DEADLINE = 10.0
+TEST_DEADLINE = 20.0  # a hang guard only: each test takes 2-3 s here, ~3 s with 3 suites at once
 
 
 @dataclass
 class Node:
     identity: Identity
     dht: SwarmDHT
+    stop: trio.Event = field(default_factory=trio.Event)
+    closed: trio.Event = field(default_factory=trio.Event)
 
     @property
     def peer_id(self) -> str:
@@ -61,16 +63,39 @@ class Node:
         return SpanRecord.create(self.identity, model, start, end, self.addrs, 50.0, 2048,
                                  "0.1.0", **kw)
 
+    async def kill(self) -> None:
+        """Close the host (no withdrawal) and wait until it is gone."""
+        self.stop.set()
+        await self.closed.wait()
 
-@asynccontextmanager
-async def open_node(stack: AsyncExitStack, bootstrap: list[str], *,
-                    mode: DHTMode = DHTMode.SERVER) -> AsyncIterator[Node]:
-    identity = Identity.generate()
-    host = await stack.enter_async_context(running_host(identity.keypair))
-    dht = await stack.enter_async_context(SwarmDHT(host, identity, mode=mode).running())
-    if bootstrap:
-        assert await dht.bootstrap(bootstrap) == len(bootstrap)
-    yield Node(identity, dht)
+
+class Swarm:
+    """Each node lives in its own task, so all of them close concurrently at the end
+    (closing one host takes ~0.1-0.4 s; one after another that was half of each test)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.nodes: list[Node] = []
+
+    async def add(self, bootstrap: list[str], mode: DHTMode = DHTMode.SERVER) -> Node:
+        node = await self.nursery.start(self._run, bootstrap, mode)
+        self.nodes.append(node)
+        return node
+
+    async def _run(self, bootstrap: list[str], mode: DHTMode,
+                   task_status: trio.TaskStatus[Node]) -> None:
+        identity = Identity.generate()
+        try:
+            async with running_host(identity.keypair) as host, \
+                    SwarmDHT(host, identity, mode=mode).running() as dht:
+                if bootstrap:
+                    assert await dht.bootstrap(bootstrap) == len(bootstrap)
+                node = Node(identity, dht)
+                task_status.started(node)
+                await node.stop.wait()
+        finally:
+            if "node" in locals():
+                node.closed.set()
 
 
 def _task_count() -> int:
@@ -80,17 +105,20 @@ def _task_count() -> int:
 
 
 @asynccontextmanager
-async def swarm(peers: int = 3) -> AsyncIterator[tuple[Node, list[Node], Node, AsyncExitStack]]:
-    """(bootstrap, serving peers, client, stack to add more nodes to); checks for leaked tasks."""
+async def swarm(peers: int = 3) -> AsyncIterator[tuple[Node, list[Node], Node, Swarm]]:
+    """(bootstrap, serving peers, client, the Swarm to add nodes to); checks for leaked tasks."""
     before = _task_count()
-    async with AsyncExitStack() as stack:
-        boot = await stack.enter_async_context(open_node(stack, []))
-        servers = [await stack.enter_async_context(open_node(stack, boot.addrs))
-                   for _ in range(peers)]
-        client = await stack.enter_async_context(
-            open_node(stack, boot.addrs, mode=DHTMode.CLIENT))
-        assert _task_count() > before + 10  # the walk sees the hosts' tasks
-        yield boot, servers, client, stack
+    async with trio.open_nursery() as nursery:
+        nodes = Swarm(nursery)
+        try:
+            boot = await nodes.add([])
+            servers = [await nodes.add(boot.addrs) for _ in range(peers)]
+            client = await nodes.add(boot.addrs, DHTMode.CLIENT)
+            assert _task_count() > before + 10  # the walk does see the hosts' tasks
+            yield boot, servers, client, nodes
+        finally:
+            for node in nodes.nodes:
+                node.stop.set()
     await trio.sleep(0.05)  # let cancelled system tasks (identify) unwind
     assert _task_count() <= before, "tasks left running after every host closed"
 
@@ -131,14 +159,14 @@ async def test_client_finds_every_announced_peer() -> None:
 
 async def test_forged_and_expired_records_are_refused() -> None:
     with trio.fail_after(TEST_DEADLINE):
-        async with swarm() as (boot, peers, client, stack):
+        async with swarm() as (boot, peers, client, nodes):
             honest = [boot, *peers]
             recorders = [RecordingValidator() for _ in honest]
             for node, recorder in zip(honest, recorders):
                 node.dht.dht.register_validator(NAMESPACE, recorder)
             for i, peer in enumerate(peers):
                 await peer.dht.announce(peer.record(4 * i, 4 * i + 4))
-            evil = await stack.enter_async_context(open_node(stack, boot.addrs))
+            evil = await nodes.add(boot.addrs)
             # Mallory's own node accepts anything, so her puts really go out on the wire.
             evil.dht.dht.register_validator(NAMESPACE, BlankValidator())
             victim = peers[0]
@@ -213,6 +241,13 @@ async def test_run_announcer_refreshes_and_withdraws_on_exit() -> None:
                 await trio.sleep(0.6)
                 assert spans_by_peer(await client.dht.find_spans(MODEL)) == {
                     peers[0].peer_id: (2, 8)}
+                state["span"] = None  # "serving nothing now" withdraws ...
+                await trio.sleep(0.6)
+                assert await client.dht.find_spans(MODEL) == []
+                state["span"] = (1, 3)  # ... and serving again re-announces
+                await trio.sleep(0.6)
+                assert spans_by_peer(await client.dht.find_spans(MODEL)) == {
+                    peers[0].peer_id: (1, 3)}
                 nursery.cancel_scope.cancel()
             assert await client.dht.find_spans(MODEL) == []
 
@@ -221,11 +256,10 @@ async def test_peer_in_dht_client_mode_is_found_through_replicas() -> None:
     # A peer behind NAT runs the DHT in client mode: nobody can ask it for its own record, so
     # lookups fall back to the replicas, where a hijacked copy must lose as well.
     with trio.fail_after(TEST_DEADLINE):
-        async with swarm(peers=2) as (boot, _peers, client, stack):
-            natted = await stack.enter_async_context(
-                open_node(stack, boot.addrs, mode=DHTMode.CLIENT))
+        async with swarm(peers=2) as (boot, _peers, client, nodes):
+            natted = await nodes.add(boot.addrs, DHTMode.CLIENT)
             await natted.dht.announce(natted.record(0, 12))
-            evil = await stack.enter_async_context(open_node(stack, boot.addrs))
+            evil = await nodes.add(boot.addrs)
             evil.dht.dht.register_validator(NAMESPACE, BlankValidator())
             hijack = replace(natted.record(0, 12), addrs=tuple(evil.addrs)).to_dict()
             await evil.dht.dht.put_value(value_key(MODEL, natted.peer_id), encode_envelope(
@@ -240,11 +274,11 @@ async def test_peer_in_dht_client_mode_is_found_through_replicas() -> None:
 
 async def test_dead_peer_is_listed_from_replicas_until_its_record_expires() -> None:
     with trio.fail_after(TEST_DEADLINE):
-        async with swarm(peers=2) as (boot, _peers, client, _):
-            async with AsyncExitStack() as inner:
-                dead = await inner.enter_async_context(open_node(inner, boot.addrs))
-                await dead.dht.announce(dead.record(0, 12, ttl=1.5))
-                expires_at = time.time() + 1.5
+        async with swarm(peers=2) as (boot, _peers, client, nodes):
+            dead = await nodes.add(boot.addrs)
+            await dead.dht.announce(dead.record(0, 12, ttl=1.5))
+            expires_at = time.time() + 1.5
+            await dead.kill()
             # Its host is gone (killed without a withdrawal): the direct ask fails fast and
             # the replicas still vouch for it, until its own expiry says otherwise.
             assert [r.peer_id for r in await client.dht.find_spans(MODEL)] == [dead.peer_id]

@@ -307,3 +307,30 @@ def test_weights_fingerprint_of_real_checkpoints(tiny_model_factory) -> None:
     assert fa == weights_fingerprint(a) and fa != fb
     config = json.loads((a / "config.json").read_text())
     assert model_dht_key("tiny", config, fa) != model_dht_key("tiny", config, fb)
+
+
+def test_record_at_every_cap_fits_the_size_limit() -> None:
+    addr = "/dns4/" + ".".join(["a" * 60] * 3)[:182] + "/tcp/65535"
+    record = SpanRecord.create(ALICE, "f" * 40, 65535, 65536, [addr] * 16, 1e12, 1 << 40, "v" * 64)
+    data = record.sign(ALICE)
+    assert len(data) <= MAX_RECORD_BYTES
+    assert decode_and_verify(data) == record
+    with pytest.raises(MalformedRecord):  # and sign() refuses what readers would refuse
+        replace(record, addrs=(addr,) * 17).sign(ALICE)
+
+
+def test_dht_validator_binds_records_to_their_key() -> None:
+    from molink.dht.kademlia import SpanRecordValidator, value_key
+
+    validator = SpanRecordValidator()
+    key = value_key(MODEL, ALICE.peer_id.to_base58())
+    assert len(key.encode()) <= 50  # py-libp2p servers reset FIND_NODE for longer keys
+    old, new = make(seq=1).sign(ALICE), make(seq=2).sign(ALICE)
+    validator.validate(key, old)
+    with pytest.raises(WrongKey):  # Alice's genuine record under Mallory's key
+        validator.validate(value_key(MODEL, MALLORY.peer_id.to_base58()), old)
+    with pytest.raises(WrongKey):  # ... or under another model's key
+        validator.validate(value_key("e" * 40, ALICE.peer_id.to_base58()), old)
+    assert validator.select(key, [old, new]) == 1
+    assert validator.select(key, [new, old]) == 0
+    assert validator.select(key, [b"junk", old]) == 1
