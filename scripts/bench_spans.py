@@ -64,14 +64,19 @@ def time_full_model(model, prompt, steps: int) -> float:
 
 @torch.inference_mode()
 def time_spans(local_model, prompt, steps: int) -> float:
-    chain = local_model.open_chain(prompt.shape[0], prompt.shape[1] + steps + 1)
+    sessions = [span.new_session() for span in local_model.spans]
     head = local_model.head
-    hidden = chain.step(head.embed(prompt), torch.ones_like(prompt))
-    token = head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
+
+    def through_spans(ids):
+        hidden = head.embed(ids)
+        for span, session in zip(local_model.spans, sessions):
+            hidden = span.step(session, hidden, torch.ones_like(ids))
+        return head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
+
+    token = through_spans(prompt)
     started = time.perf_counter()
     for _ in range(steps):
-        hidden = chain.step(head.embed(token), torch.ones_like(token))
-        token = head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
+        token = through_spans(token)
     return (time.perf_counter() - started) / steps
 
 

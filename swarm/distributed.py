@@ -34,19 +34,6 @@ logger = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT = 15.0
 
 
-class RemoteSpanChain:
-    """The synchronous face of one RemoteSession (generation runs in the caller's thread)."""
-
-    def __init__(self, loop: BackgroundLoop, session: RemoteSession):
-        self.loop, self.session = loop, session
-
-    def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        return self.loop.call(self.session.step, hidden_states, new_mask)
-
-    def close(self) -> None:
-        self.loop.call(self.session.close)
-
-
 class DistributedModelForCausalLM(SwarmModelBase):
     def __init__(self, model_dir: Path, initial_peers: list[str], dtype: torch.dtype = torch.float32,
                  relay: bool = False, identity: Identity | None = None, model_name: str | None = None):
@@ -88,13 +75,18 @@ class DistributedModelForCausalLM(SwarmModelBase):
     def find_spans(self) -> list[SpanRecord]:
         return self._loop.call(self.dht.find_spans, self.model_key)
 
-    def open_chain(self, batch_size: int, max_length: int) -> RemoteSpanChain:
-        route = make_route(self.find_spans(), self.config.num_hidden_layers)
+    async def open_chain(self, batch_size: int, max_length: int) -> RemoteSession:
+        route = make_route(await self.dht.find_spans(self.model_key), self.config.num_hidden_layers)
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
                                 self.config.hidden_size, relay=self.relay)
-        self._loop.call(self._loop.nursery.start, session.run)
-        return RemoteSpanChain(self._loop, session)
+        await self._loop.nursery.start(session.run)
+        return session
+
+    def _run(self, async_fn, *args):
+        if self._loop is None:
+            raise RuntimeError("the model is closed")
+        return self._loop.call(async_fn, *args)
 
     def close(self) -> None:
         if self._shutdown is not None and self._loop is not None:

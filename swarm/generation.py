@@ -33,10 +33,10 @@ SUPPORTED_OPTIONS = {
 class SpanChain(Protocol):
     """All blocks of the model for one generation session, in order."""
 
-    def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states of the new tokens through every block (caches kept between calls)."""
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 def merged_generation_config(model_config: GenerationConfig | None, **options) -> GenerationConfig:
@@ -85,11 +85,14 @@ def max_new_tokens_of(config: GenerationConfig, prompt_length: int) -> int:
     return max(0, config.max_length - prompt_length)
 
 
-@torch.inference_mode()
-def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Tensor,
+async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None, config: GenerationConfig,
                         streamer=None) -> torch.Tensor:
-    """Run the sampling loop; returns prompt + new tokens, [batch, prompt + new], like `generate`."""
+    """Run the sampling loop; returns prompt + new tokens, [batch, prompt + new], like `generate`.
+
+    Async so that a remote chain's steps run on the swarm's event loop with no thread hop per
+    token; the torch work here (embeddings, head, sampling) is small.
+    """
     input_ids = input_ids.long()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -101,9 +104,10 @@ def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Ten
         streamer.put(input_ids.cpu())
     step_ids, step_mask = input_ids, attention_mask
     for _ in range(max_new_tokens_of(config, input_ids.shape[1])):
-        hidden = chain.step(head.embed(step_ids), step_mask)
-        logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
-        scores = processors(input_ids, logits)
+        hidden = await chain.step(head.embed(step_ids), step_mask)
+        with torch.inference_mode():
+            logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
+            scores = processors(input_ids, logits)
         if config.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import trio
 from transformers import GenerationConfig
 
 from molink.peer.checkpoint import load_config, resolve_model_dir
@@ -32,8 +33,12 @@ class SwarmModelBase(ABC):
             self.generation_config = GenerationConfig.from_model_config(self.config)
 
     @abstractmethod
-    def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
+    async def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
         """A fresh chain of spans covering every block, for one generation of up to max_length tokens."""
+
+    @abstractmethod
+    def _run(self, async_fn, *args):
+        """Run `async_fn(*args)` to completion on the event loop this model uses."""
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  streamer=None, **options) -> torch.Tensor:
@@ -41,12 +46,16 @@ class SwarmModelBase(ABC):
         if input_ids.dim() != 2:
             raise ValueError("input_ids must be [batch, prompt length]")
         config = merged_generation_config(self.generation_config, **options)
+        return self._run(self.generate_async, input_ids, attention_mask, config, streamer)
+
+    async def generate_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             config, streamer=None) -> torch.Tensor:
         max_length = input_ids.shape[1] + max_new_tokens_of(config, input_ids.shape[1])
-        chain = self.open_chain(input_ids.shape[0], max_length)
+        chain = await self.open_chain(input_ids.shape[0], max_length)
         try:
-            return generate_with_chain(self.head, chain, input_ids, attention_mask, config, streamer)
+            return await generate_with_chain(self.head, chain, input_ids, attention_mask, config, streamer)
         finally:
-            chain.close()
+            await chain.close()
 
     def close(self) -> None:
         pass
@@ -65,12 +74,12 @@ class LocalSpanChain:
         self.spans = spans
         self.sessions = [span.new_session() for span in spans]
 
-    def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         for span, session in zip(self.spans, self.sessions):
             hidden_states = span.step(session, hidden_states, new_mask)
         return hidden_states
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.sessions.clear()
 
 
@@ -95,5 +104,8 @@ class LocalSpansModelForCausalLM(SwarmModelBase):
         loaded = [SpanModel.load(model_dir, a, b, dtype=dtype, progress=progress) for a, b in spans]
         return cls(model_dir, loaded, dtype)
 
-    def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
+    async def open_chain(self, batch_size: int, max_length: int) -> SpanChain:
         return LocalSpanChain(self.spans)
+
+    def _run(self, async_fn, *args):
+        return trio.run(async_fn, *args)
