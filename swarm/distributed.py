@@ -12,6 +12,8 @@ opens a RemoteSession along it. `close()` stops the loop: no threads or sockets 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,16 +29,20 @@ from molink.peer.model_key import model_key_for
 from molink.swarm.inference_session import RemoteSession
 from molink.swarm.loop import BackgroundLoop
 from molink.swarm.model import SwarmModelBase
-from molink.swarm.routing import RouteHop, make_route
+from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
+from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT = 15.0
+RECORDS_REFRESH_SECONDS = 10.0
+LOOKUP_TIMEOUT = 5.0
 
 
 class DistributedModelForCausalLM(SwarmModelBase):
     def __init__(self, model_dir: Path, initial_peers: list[str], dtype: torch.dtype = torch.float32,
-                 relay: bool = False, identity: Identity | None = None, model_name: str | None = None):
+                 relay: bool = False, identity: Identity | None = None, model_name: str | None = None,
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT):
         super().__init__(model_dir, dtype)
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one bootstrap multiaddr")
@@ -45,6 +51,12 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.model_key = model_key_for(model_dir, model_name)
         self.identity = identity or Identity.generate()
         self.last_route: list[RouteHop] = []
+        self.bans = BanList()
+        self.rtts: dict[str, float] = {}
+        self.active_sessions: Counter[str] = Counter()
+        self.recovery_timeout = recovery_timeout
+        self._records: list[SpanRecord] = []
+        self._records_at = -float("inf")
         self._shutdown: trio.Event | None = None
         self._loop = BackgroundLoop()
         try:
@@ -56,9 +68,11 @@ class DistributedModelForCausalLM(SwarmModelBase):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, initial_peers: list[str], *, dtype: torch.dtype = torch.float32,
                         relay: bool = False, identity_path: str | None = None,
-                        model_name: str | None = None) -> "DistributedModelForCausalLM":
+                        model_name: str | None = None,
+                        recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT) -> "DistributedModelForCausalLM":
         identity = load_or_create_identity(identity_path) if identity_path else None
-        return cls(resolve_model_dir(path_or_id), initial_peers, dtype, relay, identity, model_name)
+        return cls(resolve_model_dir(path_or_id), initial_peers, dtype, relay, identity, model_name,
+                   recovery_timeout)
 
     async def _network(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._shutdown = trio.Event()
@@ -69,19 +83,73 @@ class DistributedModelForCausalLM(SwarmModelBase):
                 joined = await dht.bootstrap(self.initial_peers, timeout=BOOTSTRAP_TIMEOUT)
                 if joined == 0:
                     raise ConnectionError(f"none of the initial peers answered: {self.initial_peers}")
-                task_status.started((host, dht))
-                await self._shutdown.wait()
+                self.dht = dht
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_records_fresh)
+                    task_status.started((host, dht))
+                    await self._shutdown.wait()
+                    nursery.cancel_scope.cancel()
 
     def find_spans(self) -> list[SpanRecord]:
-        return self._loop.call(self.dht.find_spans, self.model_key)
+        """The model's live span records, looked up in the DHT now."""
+        self._loop.call(self._refresh_records)
+        return list(self._records)
 
-    async def open_chain(self, batch_size: int, max_length: int) -> RemoteSession:
-        route = make_route(await self.dht.find_spans(self.model_key), self.config.num_hidden_layers)
+    async def open_chain(self, batch_size: int, max_length: int) -> FailoverChain:
+        async def open_session(banned: set[str]) -> RemoteSession:
+            return await self.open_session(batch_size, max_length, banned)
+
+        return FailoverChain(open_session, self.bans, self.recovery_timeout)
+
+    async def open_session(self, batch_size: int, max_length: int, banned: set[str] = frozenset()) -> RemoteSession:
+        """A session on the cheapest route the swarm offers now (see molink.swarm.routing)."""
+        route = None
+        if self._records:
+            # Re-routing after a failure must not wait on a DHT lookup (a frozen peer may be one
+            # of the DHT's contacts and cost a 5 s RPC timeout): the records refreshed in the
+            # background, minus the banned peers, usually suffice.
+            try:
+                route = self._plan(self._records, batch_size, max_length, banned)
+            except NoRouteError:
+                route = None
+        if route is None:
+            with trio.move_on_after(LOOKUP_TIMEOUT):  # the failover loop retries; never hang here
+                await self._refresh_records()
+            route = self._plan(self._records, batch_size, max_length, banned)
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
-                                self.config.hidden_size, relay=self.relay)
-        await self._loop.nursery.start(session.run)
+                                self.config.hidden_size, relay=self.relay, on_closed=self._session_closed)
+        self.active_sessions.update(hop.peer_id for hop in route)
+        try:
+            await self._loop.nursery.start(session.run)
+        except BaseException:
+            self._session_closed(session)
+            raise
         return session
+
+    async def _refresh_records(self) -> None:
+        self._records = await self.dht.find_spans(self.model_key)
+        self._records_at = time.monotonic()
+
+    async def _keep_records_fresh(self) -> None:
+        while True:
+            await trio.sleep(RECORDS_REFRESH_SECONDS)
+            if time.monotonic() - self._records_at >= RECORDS_REFRESH_SECONDS:
+                try:
+                    await self._refresh_records()
+                except Exception as exc:  # a flaky lookup must not kill the client
+                    logger.info("span lookup failed: %s", exc)
+
+    def _plan(self, records, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
+        return make_route(records, self.config.num_hidden_layers, banned=banned, rtts=self.rtts,
+                          load=self.active_sessions, min_free_tokens=batch_size * max_length)
+
+    def _session_closed(self, session: RemoteSession) -> None:
+        if getattr(session, "_counted_out", False):
+            return
+        session._counted_out = True
+        self.active_sessions.subtract(hop.peer_id for hop in session.route)
+        self.rtts.update(session.measured_rtts())
 
     def _run(self, async_fn, *args):
         if self._loop is None:

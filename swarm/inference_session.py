@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 5.0
-OPEN_TIMEOUT = 15.0
+OPEN_TIMEOUT = 15.0  # all hops answer `open`
+CONNECT_TIMEOUT = 3.0  # per hop: a frozen peer still completes TCP handshakes, never Noise
 DEFAULT_STEP_TIMEOUT = 120.0
 WIRE_CODEC = "raw"
 
@@ -43,9 +44,25 @@ class InferenceError(Exception):
         self.code = code
 
 
+def _as_inference_error(exc: BaseException) -> InferenceError:
+    """trio nurseries wrap what crosses them in ExceptionGroups: hand callers the InferenceError."""
+    if isinstance(exc, InferenceError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match = exc.subgroup(InferenceError)
+        if match is not None:
+            while isinstance(match, BaseExceptionGroup):
+                match = match.exceptions[0]
+            return match
+    if isinstance(exc, trio.TooSlowError):
+        return InferenceError("peers did not answer `open` in time")
+    return InferenceError(f"session could not open: {exc!r}")
+
+
 class RemoteSession:
     def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
-                 hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT):
+                 hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT,
+                 on_closed=None):
         self.host = host
         self.route = route
         self.model_key = model_key
@@ -60,6 +77,7 @@ class RemoteSession:
         self._closed = trio.Event()
         self._step = 0
         self._failure: Exception | None = None
+        self.on_closed = on_closed  # called once with this session when it ends, however it ends
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -80,28 +98,45 @@ class RemoteSession:
                     nursery.cancel_scope.cancel()
         except Exception as exc:
             if not started:
-                raise
+                raise _as_inference_error(exc) from exc
             self._failure = exc
             logger.debug("session ended with %r", exc)
         finally:
             self._closed.set()
+            if self.on_closed is not None:
+                self.on_closed(self)
 
-    async def close(self) -> None:
+    def measured_rtts(self) -> dict[str, float]:
+        """Heartbeat round trips seen on this session's streams, per peer."""
+        return {hop.peer_id: stream.rtt for hop, stream in zip(self.route, self.streams) if stream.rtt}
+
+    async def close(self, wait: bool = True) -> None:
+        """End the session; `wait=False` lets the streams wind down in the background (a frozen
+        peer must not hold up the re-route)."""
         self._closing.set()
-        with trio.move_on_after(5):
-            await self._closed.wait()
+        if wait:
+            with trio.move_on_after(5):
+                await self._closed.wait()
 
     async def _open_streams(self, stack: AsyncExitStack) -> None:
         for hop in self.route:
-            addrs = [a if "/p2p/" in a else f"{a}/p2p/{hop.peer_id}" for a in hop.record.addrs]
             try:
-                await connect_peer(self.host, addrs, timeout=OPEN_TIMEOUT)
-                stream = await stack.enter_async_context(dial_framed(
-                    self.host, ID.from_base58(hop.peer_id), p.INFERENCE_PROTOCOL, limits=p.PEER_WIRE_LIMITS,
-                    heartbeat_interval=HEARTBEAT_INTERVAL, heartbeat_timeout=HEARTBEAT_TIMEOUT))
-            except Exception as exc:
-                raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id) from exc
+                stream = await self._dial(hop, stack, reconnect=False)
+            except Exception:
+                # one retry on a fresh connection: an old one may be half-dead after a failure
+                try:
+                    stream = await self._dial(hop, stack, reconnect=True)
+                except Exception as exc:
+                    raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id) from exc
             self.streams.append(stream)
+
+    async def _dial(self, hop: RouteHop, stack: AsyncExitStack, reconnect: bool) -> FramedStream:
+        addrs = [a if "/p2p/" in a else f"{a}/p2p/{hop.peer_id}" for a in hop.record.addrs]
+        await connect_peer(self.host, addrs, timeout=CONNECT_TIMEOUT, reconnect=reconnect)
+        return await stack.enter_async_context(dial_framed(
+            self.host, ID.from_base58(hop.peer_id), p.INFERENCE_PROTOCOL, limits=p.PEER_WIRE_LIMITS,
+            open_timeout=CONNECT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT))
 
     async def _open_sessions(self) -> None:
         session_ids = [os.urandom(p.SESSION_ID_BYTES) for _ in self.route]
@@ -156,6 +191,9 @@ class RemoteSession:
             raise InferenceError(f"peer {peer_id} failed: {event}", peer_id) from event
         if event.type == p.ERROR:
             code, message = event.body.get("code"), event.body.get("message")
+            if code == p.NEXT_HOP_UNREACHABLE and hop + 1 < len(self.route):
+                # the peer is fine; the one after it is not: blame (and ban) the right one
+                peer_id = self.route[hop + 1].peer_id
             raise InferenceError(f"peer {peer_id} answered {code}: {message}", peer_id, code)
         return hop, event
 

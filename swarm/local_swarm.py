@@ -98,10 +98,12 @@ class LocalSwarm:
             raise
         return self
 
-    def add_peer(self, blocks: tuple[int, int], name: str | None = None, wait: bool = True,
+    def add_peer(self, blocks: tuple[int, int] | None, name: str | None = None, wait: bool = True,
                  extra_args: list[str] | None = None, extra_env: dict | None = None) -> PeerProcess:
+        """Start one more peer; blocks=None lets it choose its span (and rebalance) by itself."""
         name = name or f"peer{len(self.peers)}"
-        args = ["join", "--model", self.model_dir, "--blocks", f"{blocks[0]}:{blocks[1]}",
+        span_args = ["--blocks", f"{blocks[0]}:{blocks[1]}"] if blocks is not None else []
+        args = ["join", "--model", self.model_dir, *span_args,
                 "--initial-peers", *self.initial_peers, *self.extra_args, *(extra_args or [])]
         peer = self._spawn(name, args, blocks, extra_env)
         self.peers.append(peer)

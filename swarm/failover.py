@@ -1,0 +1,94 @@
+"""A generation that survives peers leaving, dying or freezing mid-way, with identical output.
+
+The chain keeps the history of what it fed the swarm (each step's embeddings and mask). When a
+step fails — EOF, reset, a missed heartbeat, a deadline, an error frame — the peer that failed is
+banned with backoff, a new route is planned without it (it may split the blocks differently), and
+the history is replayed through the new route step by step, with the same step boundaries as the
+first time, so the rebuilt KV caches hold exactly the values the lost ones held; then the failed
+step runs again. Sampling happens on the client, so the tokens are the ones an undisturbed run
+would have produced. If no route covers every block right now (the only replica died), the chain
+keeps looking for up to `recovery_timeout` seconds: a peer joining to fill the gap is picked up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import torch
+import trio
+
+from molink.swarm.inference_session import InferenceError, RemoteSession
+from molink.swarm.routing import BanList, NoRouteError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RECOVERY_TIMEOUT = 60.0
+ROUTE_RETRY_INTERVAL = 0.5
+
+OpenSession = Callable[[set[str]], Awaitable[RemoteSession]]
+
+
+class FailoverChain:
+    def __init__(self, open_session: OpenSession, bans: BanList,
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT):
+        self.open_session = open_session
+        self.bans = bans
+        self.recovery_timeout = recovery_timeout
+        self.session: RemoteSession | None = None
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.recoveries: list[dict] = []  # what failed, and how long recovery took
+
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        self.history.append((hidden_states, new_mask))
+        failed_at: float | None = None
+        failure: InferenceError | None = None
+        while True:
+            try:
+                if self.session is None:
+                    await self._reopen()
+                result = await self.session.step(hidden_states, new_mask)
+            except InferenceError as exc:
+                failed_at = failed_at or time.monotonic()
+                failure = exc
+                await self._drop_session(exc)
+                if time.monotonic() - failed_at > self.recovery_timeout:
+                    raise InferenceError(f"could not recover within {self.recovery_timeout:.0f} s: {exc}",
+                                         exc.peer_id, exc.code) from exc
+                continue
+            if failed_at is not None:
+                self.recoveries.append({"peer_id": failure.peer_id, "error": str(failure),
+                                        "seconds": time.monotonic() - failed_at, "step": len(self.history)})
+                logger.info("recovered from %s in %.2f s", failure, time.monotonic() - failed_at)
+            return result
+
+    async def _reopen(self) -> None:
+        """Open a session on a fresh route and replay every earlier step through it."""
+        deadline = time.monotonic() + self.recovery_timeout
+        while True:
+            try:
+                session = await self.open_session(self.bans.banned())
+                break
+            except NoRouteError:
+                if time.monotonic() > deadline:
+                    raise
+                await trio.sleep(ROUTE_RETRY_INTERVAL)  # wait for a replica or a joining peer
+        self.session = session
+        for hidden, mask in self.history[:-1]:
+            await session.step(hidden, mask)
+
+    async def _drop_session(self, exc: InferenceError) -> None:
+        if exc.peer_id is not None:
+            duration = self.bans.ban(exc.peer_id)
+            logger.warning("peer %s failed (%s); banned for %.0f s, re-routing", exc.peer_id, exc, duration)
+        else:
+            logger.warning("session failed (%s); re-routing", exc)
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close(wait=False)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
