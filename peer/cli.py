@@ -42,6 +42,13 @@ def _blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _add_common(p) -> None:
     p.add_argument("--listen", action="append", default=None, metavar="MADDR",
                    help="multiaddr to listen on (repeatable; default /ip4/127.0.0.1/tcp/0)")
@@ -60,11 +67,21 @@ def _add_bootstrap(sub) -> None:
 
 
 def _add_join(sub) -> None:
-    p = sub.add_parser("join", help="host blocks A:B of a model and serve them to the swarm",
-                       description="Load blocks [A, B) of a model, announce them in the DHT and serve "
-                                   "inference sessions until Ctrl-C / SIGTERM (then withdraw and exit 0).")
+    p = sub.add_parser("join", help="host blocks of a model and serve them to the swarm",
+                       description="Load blocks [A, B) of a model (--blocks, or chosen automatically where the "
+                                   "swarm is weakest, and moved later if that helps it), announce them in the "
+                                   "DHT and serve inference sessions until Ctrl-C / SIGTERM (then withdraw and "
+                                   "exit 0).")
     p.add_argument("--model", required=True, help="model directory (safetensors) or hub id")
-    p.add_argument("--blocks", required=True, type=_blocks, metavar="A:B", help="the span of blocks to host")
+    p.add_argument("--blocks", type=_blocks, default=None, metavar="A:B",
+                   help="the span of blocks to host (default: choose by memory, speed and the swarm's gaps)")
+    p.add_argument("--num-blocks", type=_positive_int, default=None, metavar="N",
+                   help="without --blocks: host exactly N blocks (default: what memory and speed justify)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="without --blocks: memory for blocks + KV cache (default: free device memory minus a margin)")
+    p.add_argument("--rebalance-interval", type=float, default=None, metavar="S",
+                   help="without --blocks: check every ~S seconds whether moving helps the swarm "
+                        "(default 60; 0: never move)")
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
                    help="bootstrap multiaddrs (with /p2p/<id>)")
     _add_common(p)
@@ -100,13 +117,19 @@ def run_join(args) -> int:
     from molink.peer.checkpoint import resolve_model_dir
     from molink.peer.server import PeerConfig, PeerServer
 
-    start, end = args.blocks
+    start, end = args.blocks or (None, None)
+    if args.blocks and (args.num_blocks or args.max_memory or args.rebalance_interval is not None):
+        raise ValueError("--num-blocks, --max-memory and --rebalance-interval apply only without --blocks")
+    if (args.max_memory is not None and args.max_memory <= 0) or (args.rebalance_interval or 0) < 0:
+        raise ValueError("--max-memory must be positive and --rebalance-interval not negative")
+    auto = {} if args.rebalance_interval is None else {"rebalance_interval": args.rebalance_interval}
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model), start=start, end=end, identity=_identity(args),
         initial_peers=args.initial_peers, listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
         dtype=DTYPES[args.dtype], device=args.device, cache_tokens=args.cache_tokens,
         max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
-        ready_file=args.ready_file, model_name=args.model_name)
+        ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
+        max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None, **auto)
     server = PeerServer.load(config)
     trio.run(server.serve)
     return 0

@@ -78,16 +78,17 @@ class InferenceHandler:
 
     async def _open_session(self, framed: FramedStream, frame: Frame, stack: AsyncExitStack) -> ActiveSession | None:
         try:
-            request = p.OpenRequest.from_body(frame.body, self.span.config.num_hidden_layers)
+            span = self.span  # the span now; a rebalance may replace self.span while this session runs
+            request = p.OpenRequest.from_body(frame.body, span.config.num_hidden_layers)
             if request.model_key != self.model_key:
                 raise p.ProtocolError(p.WRONG_MODEL, "this peer serves another model (or other weights)")
-            if not self.span.start <= request.start < request.end <= self.span.end:
-                raise p.ProtocolError(p.WRONG_MODEL, f"this peer serves blocks [{self.span.start}, {self.span.end})")
+            if not span.start <= request.start < request.end <= span.end:
+                raise p.ProtocolError(p.WRONG_MODEL, f"this peer serves blocks [{span.start}, {span.end})")
             if self.leaving:
                 raise p.ProtocolError(p.BUSY, "peer is leaving the swarm")
             session = ActiveSession(
                 session_id=request.session_id,
-                span_session=self.span.new_session(request.start, request.end),
+                span_session=span.new_session(request.start, request.end), span=span,
                 batch_size=request.batch_size, max_length=request.max_length,
                 reserved_tokens=request.batch_size * request.max_length,
                 client_stream=framed, next_hop=request.next)
@@ -199,8 +200,8 @@ class InferenceHandler:
         blocks = session.span_session.end - session.span_session.start
         expected = hidden.shape[0] * hidden.shape[1] * blocks / self.throughput if self.throughput else 1.0
         if expected < INLINE_COMPUTE_SECONDS and self.compute_limiter.borrowed_tokens == 0:
-            return self.span.step(session.span_session, hidden, mask)
-        return await trio.to_thread.run_sync(self.span.step, session.span_session, hidden, mask,
+            return session.span.step(session.span_session, hidden, mask)
+        return await trio.to_thread.run_sync(session.span.step, session.span_session, hidden, mask,
                                              limiter=self.compute_limiter)
 
     async def _send_error(self, framed: FramedStream, request_id: int, code: str, message: str,

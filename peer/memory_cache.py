@@ -31,6 +31,7 @@ class ActiveSession:
     push_stream: Any = None  # FramedStream to the next hop, opened by the handler
     last_used: float = field(default_factory=time.monotonic)
     steps_done: int = 0
+    span: Any = None  # the SpanModel it runs on: it finishes there even if the peer moves meanwhile
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

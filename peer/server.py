@@ -1,7 +1,7 @@
 """The volunteer node: host a span, announce it, serve sessions until told to leave.
 
 Life of a peer: load the span (progress bar) -> measure its throughput -> start the libp2p host
-and the DHT -> bootstrap -> register handlers -> announce (signed record, re-announced every
+and the DHT -> bootstrap -> (no --blocks: choose and load the span now, see rebalancer.py) -> register handlers -> announce (signed record, re-announced every
 ANNOUNCE_INTERVAL) -> write the ready file -> serve. SIGINT/SIGTERM: stop taking sessions,
 withdraw the record, give open sessions a short grace to finish, close the host, exit 0.
 """
@@ -28,6 +28,7 @@ from molink.peer import protocol as p
 from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
+from molink.peer.rebalancer import REBALANCE_INTERVAL, AutoPlan, Rebalancer, join_span, plan_auto_span
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger("molink.peer")
@@ -51,8 +52,8 @@ def write_ready_file(path: str | Path, content: str) -> None:
 @dataclass
 class PeerConfig:
     model_dir: Path
-    start: int
-    end: int
+    start: int | None  # None (with end None): choose the span at join time and rebalance it later
+    end: int | None
     identity: Identity
     initial_peers: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
@@ -64,6 +65,9 @@ class PeerConfig:
     ready_file: str | None = None
     model_name: str | None = None
     throughput: float | None = None  # measured at start when None
+    num_blocks: int | None = None  # auto span: force this many blocks (default: memory and speed decide)
+    max_memory_bytes: int | None = None  # auto span: memory to fill (default: the device's free memory)
+    rebalance_interval: float = REBALANCE_INTERVAL  # auto span: seconds between checks (0: never move)
 
 
 def measure_throughput(span: SpanModel, steps: int = 8) -> float:
@@ -79,20 +83,28 @@ def measure_throughput(span: SpanModel, steps: int = 8) -> float:
 
 
 class PeerServer:
-    def __init__(self, config: PeerConfig, span: SpanModel, model_key: str, throughput: float):
+    def __init__(self, config: PeerConfig, span: SpanModel | None, model_key: str, throughput: float,
+                 plan: AutoPlan | None = None):
         self.config = config
-        self.span = span
+        self.span = span  # None until serve() has chosen one (auto span: `plan` says what fits)
+        self.plan = plan
         self.model_key = model_key
         self.throughput = throughput
-        budget = config.cache_tokens or max(1, config.max_cache_bytes // span.kv_bytes_per_token())
-        self.registry = SessionRegistry(budget)
+        self.registry = SessionRegistry(self._cache_budget() if span is not None else 0)
         self.handler: InferenceHandler | None = None
         self.addrs: list[str] = []
 
+    def _cache_budget(self) -> int:
+        return self.config.cache_tokens or max(1, self.config.max_cache_bytes // self.span.kv_bytes_per_token())
+
     @classmethod
     def load(cls, config: PeerConfig) -> "PeerServer":
-        span = SpanModel.load(config.model_dir, config.start, config.end, dtype=config.dtype, device=config.device)
         model_key = model_key_for(config.model_dir, config.model_name)
+        if config.start is None:  # the span is chosen once we can see the swarm (serve)
+            plan, throughput = plan_auto_span(config, measure_throughput)
+            logger.info("auto span: %.0f block-steps/s, model key %s", throughput, model_key)
+            return cls(config, None, model_key, throughput, plan)
+        span = SpanModel.load(config.model_dir, config.start, config.end, dtype=config.dtype, device=config.device)
         throughput = config.throughput or measure_throughput(span)
         logger.info("serving blocks [%d, %d) of %s: %.0f block-steps/s, model key %s",
                     config.start, config.end, config.model_dir, throughput, model_key)
@@ -110,6 +122,9 @@ class PeerServer:
             dht = SwarmDHT(host, self.config.identity)
             async with dht.running():
                 await dht.bootstrap(self.config.initial_peers)
+                if self.span is None:
+                    self.span = await join_span(self, dht)
+                    self.registry.budget_tokens = self._cache_budget()
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
                                                           idle_timeout=self.config.idle_timeout,
                                                           throughput=self.throughput)
@@ -125,6 +140,8 @@ class PeerServer:
                     if self.config.ready_file:
                         write_ready_file(self.config.ready_file, full_addr)
                     nursery.start_soon(self._status_log)
+                    if self.plan is not None and self.config.rebalance_interval > 0:
+                        await nursery.start(Rebalancer(self, dht, self.config.rebalance_interval).run)
                     task_status.started(full_addr)
                     await self._wait_for_signal()
                     await self._leave(dht)

@@ -55,6 +55,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.rtts: dict[str, float] = {}
         self.active_sessions: Counter[str] = Counter()
         self.recovery_timeout = recovery_timeout
+        self.last_chain: FailoverChain | None = None
         self._records: list[SpanRecord] = []
         self._records_at = -float("inf")
         self._shutdown: trio.Event | None = None
@@ -99,7 +100,24 @@ class DistributedModelForCausalLM(SwarmModelBase):
         async def open_session(banned: set[str]) -> RemoteSession:
             return await self.open_session(batch_size, max_length, banned)
 
-        return FailoverChain(open_session, self.bans, self.recovery_timeout)
+        self.last_chain = FailoverChain(open_session, self.bans, self.recovery_timeout, has_moved=self._has_moved)
+        return self.last_chain
+
+    @property
+    def last_recoveries(self) -> list[dict]:
+        """What failed during the last generation and how long each recovery took."""
+        return list(self.last_chain.recoveries) if self.last_chain else []
+
+    async def _has_moved(self, peer_id: str) -> bool:
+        """Did the peer re-announce itself at other addresses (restart on a new port)? Updates the cache."""
+        with trio.move_on_after(LOOKUP_TIMEOUT):
+            fresh = await self.dht.find_record(self.model_key, peer_id)
+            old = next((r for r in self._records if r.peer_id == peer_id), None)
+            if fresh is None or fresh.is_withdrawal or old is None or fresh.addrs == old.addrs:
+                return False
+            self._records = [fresh if r.peer_id == peer_id else r for r in self._records]
+            return True
+        return False
 
     async def open_session(self, batch_size: int, max_length: int, banned: set[str] = frozenset()) -> RemoteSession:
         """A session on the cheapest route the swarm offers now (see molink.swarm.routing)."""

@@ -28,12 +28,14 @@ DEFAULT_RECOVERY_TIMEOUT = 60.0
 ROUTE_RETRY_INTERVAL = 0.5
 
 OpenSession = Callable[[set[str]], Awaitable[RemoteSession]]
+HasMoved = Callable[[str], Awaitable[bool]]
 
 
 class FailoverChain:
     def __init__(self, open_session: OpenSession, bans: BanList,
-                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT):
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, has_moved: HasMoved | None = None):
         self.open_session = open_session
+        self.has_moved = has_moved  # a peer restarted on a new address is not to be banned
         self.bans = bans
         self.recovery_timeout = recovery_timeout
         self.session: RemoteSession | None = None
@@ -43,7 +45,7 @@ class FailoverChain:
     async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         self.history.append((hidden_states, new_mask))
         failed_at: float | None = None
-        failure: InferenceError | None = None
+        failures: list[InferenceError] = []
         while True:
             try:
                 if self.session is None:
@@ -51,16 +53,17 @@ class FailoverChain:
                 result = await self.session.step(hidden_states, new_mask)
             except InferenceError as exc:
                 failed_at = failed_at or time.monotonic()
-                failure = exc
+                failures.append(exc)
                 await self._drop_session(exc)
                 if time.monotonic() - failed_at > self.recovery_timeout:
                     raise InferenceError(f"could not recover within {self.recovery_timeout:.0f} s: {exc}",
                                          exc.peer_id, exc.code) from exc
                 continue
             if failed_at is not None:
-                self.recoveries.append({"peer_id": failure.peer_id, "error": str(failure),
+                self.recoveries.append({"peer_id": failures[0].peer_id, "error": str(failures[0]),
+                                        "errors": [str(f) for f in failures],
                                         "seconds": time.monotonic() - failed_at, "step": len(self.history)})
-                logger.info("recovered from %s in %.2f s", failure, time.monotonic() - failed_at)
+                logger.info("recovered from %s in %.2f s", failures[0], time.monotonic() - failed_at)
             return result
 
     async def _reopen(self) -> None:
@@ -79,7 +82,9 @@ class FailoverChain:
             await session.step(hidden, mask)
 
     async def _drop_session(self, exc: InferenceError) -> None:
-        if exc.peer_id is not None:
+        if exc.unreachable and exc.peer_id and self.has_moved is not None and await self.has_moved(exc.peer_id):
+            logger.info("peer %s announced a new address; retrying there", exc.peer_id)
+        elif exc.peer_id is not None:
             duration = self.bans.ban(exc.peer_id)
             logger.warning("peer %s failed (%s); banned for %.0f s, re-routing", exc.peer_id, exc, duration)
         else:

@@ -38,10 +38,12 @@ WIRE_CODEC = "raw"
 class InferenceError(Exception):
     """A step or an open failed on one peer of the route."""
 
-    def __init__(self, message: str, peer_id: str | None = None, code: str | None = None):
+    def __init__(self, message: str, peer_id: str | None = None, code: str | None = None,
+                 unreachable: bool = False):
         super().__init__(message)
         self.peer_id = peer_id
         self.code = code
+        self.unreachable = unreachable  # could not even connect: maybe it moved to a new address
 
 
 def _as_inference_error(exc: BaseException) -> InferenceError:
@@ -127,7 +129,8 @@ class RemoteSession:
                 try:
                     stream = await self._dial(hop, stack, reconnect=True)
                 except Exception as exc:
-                    raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id) from exc
+                    raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id,
+                                         unreachable=True) from exc
             self.streams.append(stream)
 
     async def _dial(self, hop: RouteHop, stack: AsyncExitStack, reconnect: bool) -> FramedStream:
