@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import statistics
 import time
 from functools import partial
 from dataclasses import dataclass, field
@@ -70,16 +71,22 @@ class PeerConfig:
     rebalance_interval: float = REBALANCE_INTERVAL  # auto span: seconds between checks (0: never move)
 
 
-def measure_throughput(span: SpanModel, steps: int = 8) -> float:
-    """Block-forwards per second for one decode token at batch 1 (SpanRecord.throughput's unit)."""
+def measure_throughput(span: SpanModel, steps: int = 24) -> float:
+    """Block-forwards per second for one decode token at batch 1 (SpanRecord.throughput's unit).
+
+    The median step, not the mean: on a shared machine a few slow steps (another process
+    waking up) would otherwise make identical peers announce throughputs 3x apart.
+    """
     session = span.new_session(span.start, span.start + 1)
     hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=span.dtype)
     one = torch.ones(1, 1, dtype=torch.long)
     span.step(session, hidden, one)  # warm-up
-    started = time.perf_counter()
+    times = []
     for _ in range(steps):
+        started = time.perf_counter()
         span.step(session, hidden, one)
-    return steps / max(time.perf_counter() - started, 1e-9)
+        times.append(time.perf_counter() - started)
+    return 1.0 / max(statistics.median(times), 1e-9)
 
 
 class PeerServer:

@@ -540,6 +540,7 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so the ExitStack stops every peer process we started
     signal.signal(signal.SIGTERM, interrupt)
     workroot = Path(tempfile.mkdtemp(prefix="molink-bench-latency-"))
+    git = git_state()  # the code the peers start with (others may edit the tree while this runs)
     results = []
     try:
         dirs = model_dirs(args.models.split(","), workroot)
@@ -555,7 +556,7 @@ def main() -> None:
     print_tables(results, args)
     meta = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "git": git_state(),
+            "python": platform.python_version(), "git": git,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "per_hop_definition": "(swarm - in-process spans with the same K) / hops; push K+1, relay 2K"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

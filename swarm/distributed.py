@@ -35,7 +35,7 @@ from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT = 15.0
-RECORDS_REFRESH_SECONDS = 10.0
+RECORDS_REFRESH_SECONDS = 30.0
 LOOKUP_TIMEOUT = 5.0
 
 
