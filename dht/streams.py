@@ -300,8 +300,16 @@ class FramedStream:
                     if self._write_closed:
                         raise LocallyClosed("stream already closed for sending")
                     started = True
-                    await self.stream.write(data)
-                    finished = True
+                    # Shielded: py-libp2p's Noise writer spends a nonce before its first
+                    # checkpoint, so a write cancelled there sends nothing yet desynchronises
+                    # the whole connection (every later message fails authentication). Only
+                    # our own deadline may stop it, and then the connection is closed below.
+                    with trio.CancelScope(shield=True) as write_scope:
+                        write_scope.deadline = trio.current_time() + deadline
+                        await self.stream.write(data)
+                        finished = True
+                    if write_scope.cancelled_caught:
+                        await self._close_connection()
         except STREAM_ERRORS:
             raise
         except StreamReset as exc:
@@ -318,6 +326,17 @@ class FramedStream:
             if started:
                 raise self._failure()
             raise SendTimeout(f"send lock not acquired within {deadline} s")
+
+    async def _close_connection(self) -> None:
+        """A write stopped half-way may have broken the connection's encryption: drop it."""
+        conn = getattr(self.stream, "muxed_conn", None)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+            try:
+                if conn is not None:
+                    await conn.close()
+            except Exception:
+                logger.debug("closing a connection after a stopped write failed", exc_info=True)
 
     async def _control_loop(self) -> None:
         timeout = min(self.send_timeout, self.heartbeat_timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -148,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
-        return 0
+        code = 0
     except Exception as exc:  # a volunteer needs the reason, not a traceback
         from molink.crypto.identity import IdentityFileError
         from molink.peer.checkpoint import CheckpointError
@@ -160,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
+    if args.command in ("join", "bootstrap"):
+        # The interpreter's final garbage collection over torch's objects takes seconds after the
+        # peer has already withdrawn and closed everything: skip it, flush the logs, exit now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

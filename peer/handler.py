@@ -105,7 +105,11 @@ class InferenceHandler:
             await self._send_error(framed, frame.request_id, exc.code, str(exc))
             return None
         self.stats.sessions_opened += 1
-        await framed.send(Frame(p.OPENED, frame.request_id, {"start": request.start, "end": request.end}))
+        try:
+            await framed.send(Frame(p.OPENED, frame.request_id, {"start": request.start, "end": request.end}))
+        except STREAM_ERRORS as exc:  # the client gave up on this route meanwhile: routine in failover
+            logger.info("session %s: client left before it opened: %s", request.session_id.hex()[:8], exc)
+            return None
         return session
 
     async def _open_push_stream(self, next_hop: p.NextHop, stack: AsyncExitStack) -> FramedStream:

@@ -150,24 +150,25 @@ class PeerServer:
                     if self.plan is not None and self.config.rebalance_interval > 0:
                         await nursery.start(Rebalancer(self, dht, self.config.rebalance_interval).run)
                     task_status.started(full_addr)
-                    await self._wait_for_signal()
-                    await self._leave(dht)
+                    # The receiver stays open through the leave: a second Ctrl-C / SIGTERM
+                    # must not kill the peer half-way through withdrawing.
+                    with trio.open_signal_receiver(*SIGNALS) as signals:
+                        async for signum in signals:
+                            logger.info("got %s: leaving the swarm", signal.Signals(signum).name)
+                            break
+                        await self._leave(dht)
                     nursery.cancel_scope.cancel()
         logger.info("peer stopped")
 
-    async def _wait_for_signal(self) -> None:
-        with trio.open_signal_receiver(*SIGNALS) as signals:
-            async for signum in signals:
-                logger.info("got %s: leaving the swarm", signal.Signals(signum).name)
-                return
-
     async def _leave(self, dht: SwarmDHT) -> None:
         self.handler.leaving = True
-        with trio.move_on_after(5):
+        with trio.move_on_after(5) as scope:
             try:
                 await dht.withdraw(self.model_key, version=VERSION, ttl=RECORD_TTL)
             except Exception as exc:
                 logger.warning("could not withdraw the span record: %s", exc)
+        if scope.cancelled_caught:
+            logger.warning("withdrawing the span record took over 5 s; it expires within %.0f s anyway", RECORD_TTL)
         with trio.move_on_after(LEAVE_GRACE):  # let steps in flight finish
             while any(time.monotonic() - s.last_used < 1.0 for s in self.registry.sessions.values()):
                 await trio.sleep(0.1)

@@ -157,7 +157,7 @@ def main() -> None:
         memory.append(bench_memory(name, model_dir))
     print(f"\nDecode step, batch 1, {args.steps} steps x {args.repeats} repeats (median), torch threads "
           f"{torch.get_num_threads()}")
-    print(f"| model | full transformers ms/step | 3 spans ms/step | overhead |")
+    print("| model | full transformers ms/step | 3 spans ms/step | overhead |")
     print("|---|---|---|---|")
     for row in decode:
         print(f"| {row['model']} | {row['full_ms_per_step']:.3f} | {row['spans_ms_per_step']:.3f} | "

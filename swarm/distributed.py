@@ -35,7 +35,7 @@ from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT = 15.0
-RECORDS_REFRESH_SECONDS = 30.0
+RECORDS_REFRESH_SECONDS = 15.0
 LOOKUP_TIMEOUT = 5.0
 
 
@@ -113,7 +113,11 @@ class DistributedModelForCausalLM(SwarmModelBase):
         with trio.move_on_after(LOOKUP_TIMEOUT):
             fresh = await self.dht.find_record(self.model_key, peer_id)
             old = next((r for r in self._records if r.peer_id == peer_id), None)
-            if fresh is None or fresh.is_withdrawal or old is None or fresh.addrs == old.addrs:
+            if fresh is None or fresh.is_withdrawal:
+                # gone for good: stop offering it to new routes until a lookup finds it again
+                self._records = [r for r in self._records if r.peer_id != peer_id]
+                return False
+            if old is None or fresh.addrs == old.addrs:
                 return False
             self._records = [fresh if r.peer_id == peer_id else r for r in self._records]
             return True
@@ -151,7 +155,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
 
     async def _keep_records_fresh(self) -> None:
         while True:
-            await trio.sleep(RECORDS_REFRESH_SECONDS)
+            await trio.sleep(max(0.5, self._records_at + RECORDS_REFRESH_SECONDS - time.monotonic()))
             if time.monotonic() - self._records_at >= RECORDS_REFRESH_SECONDS:
                 try:
                     await self._refresh_records()
@@ -172,7 +176,10 @@ class DistributedModelForCausalLM(SwarmModelBase):
     def _run(self, async_fn, *args):
         if self._loop is None:
             raise RuntimeError("the model is closed")
-        return self._loop.call(async_fn, *args)
+        try:
+            return self._loop.call(async_fn, *args)
+        except trio.Cancelled:  # close() from another thread while this call ran
+            raise RuntimeError("the model was closed during the call") from None
 
     def close(self) -> None:
         if self._shutdown is not None and self._loop is not None:

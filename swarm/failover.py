@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import torch
 import trio
 
+from molink.peer import protocol as p
 from molink.swarm.inference_session import InferenceError, RemoteSession
 from molink.swarm.routing import BanList, NoRouteError
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RECOVERY_TIMEOUT = 60.0
 ROUTE_RETRY_INTERVAL = 0.5
+BUSY_BACKOFF = 2.0  # a busy peer is healthy: try the others, come back soon, no strike
 
 OpenSession = Callable[[set[str]], Awaitable[RemoteSession]]
 HasMoved = Callable[[str], Awaitable[bool]]
@@ -51,13 +53,14 @@ class FailoverChain:
                 if self.session is None:
                     await self._reopen()
                 result = await self.session.step(hidden_states, new_mask)
+            except NoRouteError as exc:
+                raise self._give_up(failures, exc) from exc
             except InferenceError as exc:
                 failed_at = failed_at or time.monotonic()
                 failures.append(exc)
                 await self._drop_session(exc)
                 if time.monotonic() - failed_at > self.recovery_timeout:
-                    raise InferenceError(f"could not recover within {self.recovery_timeout:.0f} s: {exc}",
-                                         exc.peer_id, exc.code) from exc
+                    raise self._give_up(failures, exc) from exc
                 continue
             if failed_at is not None:
                 self.recoveries.append({"peer_id": failures[0].peer_id, "error": str(failures[0]),
@@ -65,6 +68,18 @@ class FailoverChain:
                                         "seconds": time.monotonic() - failed_at, "step": len(self.history)})
                 logger.info("recovered from %s in %.2f s", failures[0], time.monotonic() - failed_at)
             return result
+
+    def _give_up(self, failures: list[InferenceError], last: Exception) -> InferenceError:
+        """The error the caller sees: say "busy" when that is why, not just "no route"."""
+        busy = [f for f in failures if f.code == p.BUSY]
+        if busy or str(last).startswith("busy"):
+            reason = busy[-1] if busy else last
+            return InferenceError(f"the swarm is busy (no KV-cache room): {reason}", getattr(reason, "peer_id", None),
+                                  p.BUSY)
+        if isinstance(last, InferenceError):
+            return InferenceError(f"could not recover within {self.recovery_timeout:.0f} s: {last}",
+                                  last.peer_id, last.code)
+        return InferenceError(f"no route through the swarm: {last}")
 
     async def _reopen(self) -> None:
         """Open a session on a fresh route and replay every earlier step through it."""
@@ -84,6 +99,9 @@ class FailoverChain:
     async def _drop_session(self, exc: InferenceError) -> None:
         if exc.unreachable and exc.peer_id and self.has_moved is not None and await self.has_moved(exc.peer_id):
             logger.info("peer %s announced a new address; retrying there", exc.peer_id)
+        elif exc.code == p.BUSY and exc.peer_id is not None:
+            self.bans.avoid(exc.peer_id, BUSY_BACKOFF)
+            logger.info("peer %s is busy; trying others", exc.peer_id)
         elif exc.peer_id is not None:
             duration = self.bans.ban(exc.peer_id)
             logger.warning("peer %s failed (%s); banned for %.0f s, re-routing", exc.peer_id, exc, duration)

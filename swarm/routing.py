@@ -50,6 +50,11 @@ class BanList:
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
 
+    def avoid(self, peer_id: str, seconds: float, now: float | None = None) -> None:
+        """Keep away from a peer for a moment without counting a strike (it said "busy")."""
+        now = time.monotonic() if now is None else now
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), now + seconds)
+
     def ban(self, peer_id: str, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         strikes = self._strikes.get(peer_id, 0) + 1
@@ -120,6 +125,10 @@ def make_route(records: list[SpanRecord], num_blocks: int, *, banned: set[str] =
                 heapq.heappush(queue, (new_cost, end))
     if num_blocks not in came_from:
         gaps = coverage_gaps(usable, num_blocks)
+        roomy = [r for r in records if r.peer_id not in banned and r.end > r.start and r.addrs]
+        if min_free_tokens and not coverage_gaps(roomy, num_blocks):
+            raise NoRouteError(f"busy: no peers with KV-cache room for {min_free_tokens} tokens cover blocks {gaps} "
+                               f"(try a shorter generation or a smaller batch, or wait)")
         raise NoRouteError(f"no route covers all {num_blocks} blocks (uncovered with usable peers: {gaps}; "
                            f"{len(banned)} peer(s) banned)")
     hops, node = [], num_blocks

@@ -107,7 +107,7 @@ def test_span_loads_only_its_own_tensors(tiny_llama, monkeypatch):
 def test_unsupported_architecture_names_supported_list():
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("gpt2")
+    config = AutoConfig.for_model("bert")
     with pytest.raises(UnsupportedArchitecture, match="llama.*mistral.*qwen2"):
         get_family(config)
 
