@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from molink.peer.families import use_reference_kernels
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
@@ -44,9 +46,9 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
 
 def load_config(model_dir: str | os.PathLike) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    # The reference model loads with SDPA; spans use the same kernels so outputs match exactly.
-    config._attn_implementation = "sdpa"
-    return config
+    # Spans use the kernels the reference model loads with (sdpa or eager, MoE experts kernel),
+    # so outputs match exactly.
+    return use_reference_kernels(config)
 
 
 @dataclass
@@ -111,12 +113,13 @@ _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8
 
 
 def materialize(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Fill a meta-device module from checkpoint tensors; every parameter must be covered."""
+    """Fill a meta-device module from checkpoint tensors; every parameter must be covered.
+
+    The tensors go through the module's `load_state_dict` pre-hooks, where a family adapter turns a
+    checkpoint layout of its own (MoE experts stored one tensor per expert) into the module's.
+    """
     state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-    expected = set(module.state_dict().keys())
-    if set(state) != expected:
-        raise CheckpointError(
-            f"tensors for {prefix or 'module'} do not match its parameters: "
-            f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
-        )
-    module.load_state_dict(state, assign=True, strict=True)
+    try:
+        module.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"tensors for {prefix or 'module'} do not match its parameters: {exc}") from exc

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from molink.peer.checkpoint import Checkpoint, load_config, materialize
+from molink.peer.checkpoint import Checkpoint, load_config
 from molink.peer.families import ClientHead, get_family
 
 
@@ -21,7 +21,7 @@ def load_client_head(model_dir: str | Path, dtype: torch.dtype = torch.float32,
         module_name, param_name = module_path.rsplit(".", 1)
         module = getattr(head, module_name)
         materialize_param(module, param_name, tensors[tensor_name])
-    for module in (head.embed_tokens, head.final_norm, head.lm_head):
+    for module in head.modules():
         module.eval().requires_grad_(False)
     return head
 

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from molink.peer.families import ClientHead
+from molink.peer.span import positions_from_mask
 
 #: generation options this loop implements; anything else is refused rather than ignored
 SUPPORTED_OPTIONS = {
@@ -103,8 +104,10 @@ async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: tor
     if streamer is not None:
         streamer.put(input_ids.cpu())
     step_ids, step_mask = input_ids, attention_mask
+    seen_mask = attention_mask  # every token so far: learned absolute positions come from it
     for _ in range(max_new_tokens_of(config, input_ids.shape[1])):
-        hidden = await chain.step(head.embed(step_ids), step_mask)
+        positions = positions_from_mask(seen_mask)[:, -step_ids.shape[1]:] if head.needs_positions else None
+        hidden = await chain.step(head.embed(step_ids, positions), step_mask)
         with torch.inference_mode():
             logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
             scores = processors(input_ids, logits)
@@ -123,6 +126,7 @@ async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: tor
             if unfinished.max() == 0:
                 break
         step_ids, step_mask = next_tokens[:, None], torch.ones_like(next_tokens[:, None])
+        seen_mask = torch.cat([seen_mask, step_mask], dim=-1)
     if streamer is not None:
         streamer.end()
     return input_ids
