@@ -75,7 +75,7 @@ class SpanModel:
             prefix = family.block_prefix(config, index)
             tensors = checkpoint.load(checkpoint.names_with_prefix(prefix), dtype=dtype, device=device)
             materialize(block, tensors, prefix)
-            blocks.append(block.eval().requires_grad_(False))
+            blocks.append(block.train(False).requires_grad_(False))  # inference mode (no dropout)
         logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, model_dir, dtype, device)
         return cls(config, family, start, end, blocks, device, dtype)
 

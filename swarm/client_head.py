@@ -22,7 +22,7 @@ def load_client_head(model_dir: str | Path, dtype: torch.dtype = torch.float32,
         module = getattr(head, module_name)
         materialize_param(module, param_name, tensors[tensor_name])
     for module in head.modules():
-        module.eval().requires_grad_(False)
+        module.train(False).requires_grad_(False)  # inference mode (no dropout)
     return head
 
 
