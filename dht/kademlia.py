@@ -221,7 +221,23 @@ class SwarmDHT:
         """Replace our record for `model_key` with a signed withdrawal; returns it."""
         identity = self._identity(identity)
         record = SpanRecord.withdrawal(identity, model_key, version, ttl=ttl)
-        await self.announce(record, identity)
+        key = value_key(model_key, record.peer_id).encode()
+        value = record.sign(identity)
+
+        async def tell(peer_id: ID) -> None:
+            with trio.move_on_after(DIRECT_TIMEOUT):
+                try:
+                    await self.dht.value_store._store_at_peer(peer_id, key, value)
+                except Exception as exc:  # a dead contact: the others still hear it
+                    logger.debug("withdrawal not stored at %s: %s", peer_id, exc)
+
+        # A leaving peer has seconds, and py-libp2p's put_value can stall that long on one dead
+        # contact in its lookup: also hand the withdrawal straight to every peer we know, in
+        # parallel, each with its own short deadline.
+        async with trio.open_nursery() as nursery:
+            for peer_id in self.dht.routing_table.get_peer_ids():
+                nursery.start_soon(tell, peer_id)
+            await self.announce(record, identity)
         return record
 
     async def run_announcer(

@@ -57,6 +57,7 @@ class SpanModel:
         self.blocks = blocks
         self.device, self.dtype = device, dtype
         self.context = family.make_span_context(config, device)
+        self._kv_bytes_per_block: int | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path, start: int, end: int, *, dtype: torch.dtype | None = None,
@@ -87,12 +88,24 @@ class SpanModel:
         return SpanSession(cache=DynamicCache(config=self.config), start=start, end=end)
 
     def kv_bytes_per_token(self, num_blocks: int | None = None) -> int:
-        """KV-cache bytes one token of one sequence takes in `num_blocks` blocks (default: the span)."""
-        config = self.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * (num_blocks or len(self.blocks)) * kv_heads * head_dim * element
+        """KV-cache bytes one token of one sequence takes in `num_blocks` blocks (default: the span).
+
+        Measured, not computed from the config: multi-query Falcon, latent attention (DeepSeek)
+        and the like cache other shapes than 2 x kv_heads x head_dim, and a formula that
+        undercounts lets a peer promise memory it does not have. One probe token through a
+        throw-away session, once per span.
+        """
+        if self._kv_bytes_per_block is None:
+            session = self.new_session()
+            hidden = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            self.step(session, hidden, torch.ones(1, 1, dtype=torch.long))
+            total = 0
+            for layer in getattr(session.cache, "layers", []):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        total += tensor.numel() * tensor.element_size()
+            self._kv_bytes_per_block = max(1, total // len(self.blocks))
+        return self._kv_bytes_per_block * (num_blocks or len(self.blocks))
 
     @torch.inference_mode()
     def step(self, session: SpanSession, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,14 @@ def test_real_smollm2_span_by_span_says_paris(smollm2_dir):
     enc = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, enc.input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon", "deepseek_v3"])
+def test_kv_budget_per_token_matches_what_the_cache_really_holds(tiny_model_factory, family):
+    span = SpanModel.load(tiny_model_factory(family, layers=4), 1, 3, progress=False)
+    session = span.new_session()
+    hidden = torch.randn(2, 5, span.config.hidden_size)
+    span.step(session, hidden, torch.ones(2, 5, dtype=torch.long))
+    held = sum(t.numel() * t.element_size() for layer in session.cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+    assert span.kv_bytes_per_token() * 2 * 5 == held
