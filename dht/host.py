@@ -351,6 +351,11 @@ def set_protocol_handler(
 # ---------------------------------------------------------------------------- dialing
 
 
+def with_peer_id(addrs: Sequence[str], peer_id: str) -> list[str]:
+    """Announced addresses made dialable: each ending in /p2p/<peer id>."""
+    return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in addrs]
+
+
 def forget_peer_addrs(host: BasicHost, peer_id: ID) -> None:
     """Drop the peer's known addresses and lift its 60 s dial block (trap 6)."""
     host.get_peerstore().clear_addrs(peer_id)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 from libp2p.peer.id import ID
 
-from molink.dht.host import connect_peer
+from molink.dht.host import connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, dial_framed
 from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
@@ -115,8 +115,8 @@ class InferenceHandler:
     async def _open_push_stream(self, next_hop: p.NextHop, stack: AsyncExitStack) -> FramedStream:
         try:
             peer_id = ID.from_base58(next_hop.peer_id)
-            addrs = [a if "/p2p/" in a else f"{a}/p2p/{next_hop.peer_id}" for a in next_hop.addrs]
-            await connect_peer(self.host, addrs, timeout=NEXT_HOP_CONNECT_TIMEOUT)
+            await connect_peer(self.host, with_peer_id(next_hop.addrs, next_hop.peer_id),
+                               timeout=NEXT_HOP_CONNECT_TIMEOUT)
             return await stack.enter_async_context(dial_framed(self.host, peer_id, p.PUSH_PROTOCOL,
                                                                limits=p.PEER_WIRE_LIMITS))
         except Exception as exc:  # any failure to reach the next hop is the client's to route around
@@ -155,7 +155,7 @@ class InferenceHandler:
             if frame.type != p.PUSH:
                 return  # peers speak this protocol correctly or not at all
             try:
-                session_id = p._session_id(frame.body.get("session_id"))
+                session_id = p.checked_session_id(frame.body.get("session_id"))
             except p.ProtocolError:
                 return
             session = self.registry.get(session_id)

@@ -73,7 +73,7 @@ def _int_in(body: dict, name: str, low: int, high: int) -> int:
     return value
 
 
-def _session_id(value: Any, name: str = "session_id") -> bytes:
+def checked_session_id(value: Any, name: str = "session_id") -> bytes:
     if not isinstance(value, bytes) or len(value) != SESSION_ID_BYTES:
         raise ProtocolError(BAD_REQUEST, f"{name} must be {SESSION_ID_BYTES} bytes")
     return value
@@ -119,12 +119,12 @@ class OpenRequest:
             peer_id = _field(nxt, "peer_id", str)
             if len(peer_id) > 128:
                 raise ProtocolError(BAD_REQUEST, "next.peer_id too long")
-            next_hop = NextHop(peer_id, addrs, _session_id(nxt.get("session_id"), "next.session_id"))
+            next_hop = NextHop(peer_id, addrs, checked_session_id(nxt.get("session_id"), "next.session_id"))
         model_key = _field(body, "model_key", str)
         if len(model_key) > 256:
             raise ProtocolError(BAD_REQUEST, "model_key too long")
         return cls(
-            session_id=_session_id(body.get("session_id")),
+            session_id=checked_session_id(body.get("session_id")),
             model_key=model_key,
             start=start,
             end=end,

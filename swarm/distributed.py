@@ -57,6 +57,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.recovery_timeout = recovery_timeout
         self.last_chain: FailoverChain | None = None
         self._records: list[SpanRecord] = []
+        self._unreachable: dict[str, int] = {}  # peer id -> seq of the record that could not be dialled
         self._records_at = -float("inf")
         self._shutdown: trio.Event | None = None
         self._loop = BackgroundLoop()
@@ -118,6 +119,9 @@ class DistributedModelForCausalLM(SwarmModelBase):
                 self._records = [r for r in self._records if r.peer_id != peer_id]
                 return False
             if old is None or fresh.addrs == old.addrs:
+                # unreachable at the address it still announces: dead or frozen. Skip this very
+                # record until the peer re-announces (a live peer does so every 30 s).
+                self._unreachable[peer_id] = fresh.seq
                 return False
             self._records = [fresh if r.peer_id == peer_id else r for r in self._records]
             return True
@@ -163,6 +167,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
                     logger.info("span lookup failed: %s", exc)
 
     def _plan(self, records, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
+        records = [r for r in records if self._unreachable.get(r.peer_id) != r.seq]
         return make_route(records, self.config.num_hidden_layers, banned=banned, rtts=self.rtts,
                           load=self.active_sessions, min_free_tokens=batch_size * max_length)
 

@@ -19,7 +19,7 @@ import torch
 import trio
 from libp2p.peer.id import ID
 
-from molink.dht.host import connect_peer
+from molink.dht.host import connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, FramedStream, dial_framed
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
@@ -134,8 +134,8 @@ class RemoteSession:
             self.streams.append(stream)
 
     async def _dial(self, hop: RouteHop, stack: AsyncExitStack, reconnect: bool) -> FramedStream:
-        addrs = [a if "/p2p/" in a else f"{a}/p2p/{hop.peer_id}" for a in hop.record.addrs]
-        await connect_peer(self.host, addrs, timeout=CONNECT_TIMEOUT, reconnect=reconnect)
+        await connect_peer(self.host, with_peer_id(hop.record.addrs, hop.peer_id), timeout=CONNECT_TIMEOUT,
+                           reconnect=reconnect)
         return await stack.enter_async_context(dial_framed(
             self.host, ID.from_base58(hop.peer_id), p.INFERENCE_PROTOCOL, limits=p.PEER_WIRE_LIMITS,
             open_timeout=CONNECT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL,
