@@ -86,6 +86,10 @@ class StreamOpenError(FramedStreamError):
     """Opening the libp2p stream (dial + protocol negotiation) failed or timed out."""
 
 
+class StreamOpenTimeout(StreamOpenError, StreamTimeout):
+    """The peer did not even negotiate a stream in time (frozen, or gone without a word)."""
+
+
 class StreamClosedError(FramedStreamError):
     """The stream is closed; the subclasses say how."""
 
@@ -475,7 +479,7 @@ async def dial_framed(
         with trio.fail_after(open_timeout):
             raw = await host.new_stream(peer_id, list(protocol_ids))
     except trio.TooSlowError:
-        raise StreamOpenError(f"opening {protocol_ids} to {peer_id} took over {open_timeout} s")
+        raise StreamOpenTimeout(f"opening {protocol_ids} to {peer_id} took over {open_timeout} s")
     except Exception as exc:  # StreamFailure, SwarmException, ...
         # libp2p's message is generic; the reason ("protocol not supported") is in its cause.
         reason = f"{exc}" + (f" ({exc.__cause__})" if exc.__cause__ else "")

@@ -93,6 +93,10 @@ def _add_join(sub) -> None:
     p.add_argument("--max-cache-mb", type=int, default=1024, help="KV-cache memory budget (default 1024 MB)")
     p.add_argument("--session-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
     p.add_argument("--model-name", default=None, help="name in the DHT key (default: the model folder's name)")
+    p.add_argument("--direct-port", type=int, default=0, metavar="PORT",
+                   help="TCP port for direct data channels (default: any free port; see README)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="serve sessions over libp2p streams only (no direct data channel port)")
     p.set_defaults(func=run_join)
 
 
@@ -130,7 +134,8 @@ def run_join(args) -> int:
         dtype=DTYPES[args.dtype], device=args.device, cache_tokens=args.cache_tokens,
         max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
-        max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None, **auto)
+        max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,
+        direct_port=None if args.no_direct else args.direct_port, **auto)
     server = PeerServer.load(config)
     trio.run(server.serve)
     return 0

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import trio
 from libp2p.peer.id import ID
 
-from molink.dht.host import connect_peer, with_peer_id
-from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, dial_framed
+from molink.dht.direct import dial_framed_direct
+from molink.dht.host import ConnectError, connect_peer, with_peer_id
+from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
 from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
@@ -115,12 +116,22 @@ class InferenceHandler:
     async def _open_push_stream(self, next_hop: p.NextHop, stack: AsyncExitStack) -> FramedStream:
         try:
             peer_id = ID.from_base58(next_hop.peer_id)
-            await connect_peer(self.host, with_peer_id(next_hop.addrs, next_hop.peer_id),
-                               timeout=NEXT_HOP_CONNECT_TIMEOUT)
-            return await stack.enter_async_context(dial_framed(self.host, peer_id, p.PUSH_PROTOCOL,
-                                                               limits=p.PEER_WIRE_LIMITS))
-        except Exception as exc:  # any failure to reach the next hop is the client's to route around
-            raise p.ProtocolError(p.NEXT_HOP_UNREACHABLE, f"cannot reach next hop {next_hop.peer_id}: {exc}") from exc
+            addrs = with_peer_id(next_hop.addrs, next_hop.peer_id)
+        except Exception as exc:
+            raise p.ProtocolError(p.BAD_REQUEST, f"bad next hop {next_hop.peer_id}: {exc}") from exc
+        for reconnect in (False, True):
+            # Twice: a connection both sides opened at the same moment can be torn down under the
+            # first stream (seen as "handshake read failed"); a fresh one then works.
+            try:
+                await connect_peer(self.host, addrs, timeout=NEXT_HOP_CONNECT_TIMEOUT, reconnect=reconnect)
+                return await stack.enter_async_context(dial_framed_direct(
+                    self.host, peer_id, next_hop.addrs, p.PUSH_PROTOCOL, limits=p.PEER_WIRE_LIMITS))
+            except Exception as exc:  # any failure to reach the next hop is the client's to route around
+                failure = exc
+                if isinstance(exc, (ConnectError, StreamOpenTimeout)):
+                    break  # unreachable or frozen: a second try would only double the wait
+                logger.info("next hop %s: %s%s", next_hop.peer_id, exc, "" if reconnect else "; reconnecting")
+        raise p.ProtocolError(p.NEXT_HOP_UNREACHABLE, f"cannot reach next hop {next_hop.peer_id}: {failure}")
 
     async def _serve_session(self, framed: FramedStream, session: ActiveSession) -> None:
         while True:
@@ -139,7 +150,10 @@ class InferenceHandler:
             if frame.type == p.STEP:
                 await self._step(session, frame, relay=bool(frame.body.get("relay", False)))
             elif frame.type == p.CLOSE:
-                await framed.send(Frame(p.CLOSED, frame.request_id, {}))
+                try:
+                    await framed.send(Frame(p.CLOSED, frame.request_id, {}))
+                except STREAM_ERRORS:
+                    pass  # the client said close and left without waiting: fine
                 return
             else:
                 await self._send_error(framed, frame.request_id, p.BAD_REQUEST, f"unexpected {frame.type!r}")

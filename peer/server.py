@@ -21,6 +21,7 @@ import torch
 import trio
 
 from molink.crypto.identity import Identity
+from molink.dht.direct import DIRECT_PROTOCOL, DirectListener, tcp_ip_of
 from molink.dht.host import p2p_addrs, running_host, set_protocol_handler
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import SpanRecord
@@ -69,6 +70,7 @@ class PeerConfig:
     num_blocks: int | None = None  # auto span: force this many blocks (default: memory and speed decide)
     max_memory_bytes: int | None = None  # auto span: memory to fill (default: the device's free memory)
     rebalance_interval: float = REBALANCE_INTERVAL  # auto span: seconds between checks (0: never move)
+    direct_port: int | None = 0  # direct data channels (dht/direct.py): 0 = any free port, None = off
 
 
 def measure_throughput(span: SpanModel, steps: int = 24) -> float:
@@ -135,12 +137,16 @@ class PeerServer:
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
                                                           idle_timeout=self.config.idle_timeout,
                                                           throughput=self.throughput)
-                set_protocol_handler(host, p.INFERENCE_PROTOCOL, framed_handler(
-                    handler.handle_inference, limits=p.PEER_WIRE_LIMITS, receive_timeout=self.config.idle_timeout))
-                set_protocol_handler(host, p.PUSH_PROTOCOL, framed_handler(
-                    handler.handle_push, limits=p.PEER_WIRE_LIMITS))
+                data_handlers = {
+                    p.INFERENCE_PROTOCOL: framed_handler(handler.handle_inference, limits=p.PEER_WIRE_LIMITS,
+                                                         receive_timeout=self.config.idle_timeout),
+                    p.PUSH_PROTOCOL: framed_handler(handler.handle_push, limits=p.PEER_WIRE_LIMITS),
+                }
+                for protocol_id, stream_handler in data_handlers.items():
+                    set_protocol_handler(host, protocol_id, stream_handler)
                 set_protocol_handler(host, p.INFO_PROTOCOL, framed_handler(handler.handle_info))
                 async with trio.open_nursery() as nursery:
+                    await self._start_direct_channels(host, data_handlers, nursery)
                     await nursery.start(partial(dht.run_announcer, self.record, ANNOUNCE_INTERVAL, ttl=RECORD_TTL))
                     full_addr = str(p2p_addrs(host)[0])
                     logger.info("peer %s ready at %s", host.get_id().to_base58(), full_addr)
@@ -159,6 +165,16 @@ class PeerServer:
                         await self._leave(dht)
                     nursery.cancel_scope.cancel()
         logger.info("peer stopped")
+
+    async def _start_direct_channels(self, host, data_handlers: dict, nursery: trio.Nursery) -> None:
+        """Offer the hot path on a plain TCP port as well (dht/direct.py), keyed over libp2p."""
+        bind_ip = tcp_ip_of(self.config.listen)
+        if self.config.direct_port is None or bind_ip is None:
+            logger.info("direct data channels off: sessions use libp2p streams")
+            return
+        listener = DirectListener(data_handlers, bind_ip, self.config.direct_port)
+        await nursery.start(listener.run)
+        set_protocol_handler(host, DIRECT_PROTOCOL, framed_handler(listener.handle_ticket_request))
 
     async def _leave(self, dht: SwarmDHT) -> None:
         self.handler.leaving = True

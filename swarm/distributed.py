@@ -42,12 +42,13 @@ LOOKUP_TIMEOUT = 5.0
 class DistributedModelForCausalLM(SwarmModelBase):
     def __init__(self, model_dir: Path, initial_peers: list[str], dtype: torch.dtype = torch.float32,
                  relay: bool = False, identity: Identity | None = None, model_name: str | None = None,
-                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT):
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, direct: bool = True):
         super().__init__(model_dir, dtype)
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one bootstrap multiaddr")
         self.initial_peers = list(initial_peers)
         self.relay = relay
+        self.direct = direct  # hot path on direct channels where peers offer them (molink.dht.direct)
         self.model_key = model_key_for(model_dir, model_name)
         self.identity = identity or Identity.generate()
         self.last_route: list[RouteHop] = []
@@ -71,10 +72,11 @@ class DistributedModelForCausalLM(SwarmModelBase):
     def from_pretrained(cls, path_or_id: str | Path, initial_peers: list[str], *, dtype: torch.dtype = torch.float32,
                         relay: bool = False, identity_path: str | None = None,
                         model_name: str | None = None,
-                        recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT) -> "DistributedModelForCausalLM":
+                        recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT,
+                        direct: bool = True) -> "DistributedModelForCausalLM":
         identity = load_or_create_identity(identity_path) if identity_path else None
         return cls(resolve_model_dir(path_or_id), initial_peers, dtype, relay, identity, model_name,
-                   recovery_timeout)
+                   recovery_timeout, direct)
 
     async def _network(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._shutdown = trio.Event()
@@ -144,7 +146,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
             route = self._plan(self._records, batch_size, max_length, banned)
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
-                                self.config.hidden_size, relay=self.relay, on_closed=self._session_closed)
+                                self.config.hidden_size, relay=self.relay, on_closed=self._session_closed,
+                                direct=self.direct)
         self.active_sessions.update(hop.peer_id for hop in route)
         try:
             await self._loop.nursery.start(session.run)

@@ -20,7 +20,8 @@ import trio
 from libp2p.peer.id import ID
 
 from molink.dht.host import connect_peer, with_peer_id
-from molink.dht.streams import STREAM_ERRORS, FramedStream, dial_framed
+from molink.dht.direct import dial_framed_direct
+from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
 from molink.swarm.routing import RouteHop
@@ -64,7 +65,7 @@ def _as_inference_error(exc: BaseException) -> InferenceError:
 class RemoteSession:
     def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
                  hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT,
-                 on_closed=None):
+                 on_closed=None, direct: bool = True):
         self.host = host
         self.route = route
         self.model_key = model_key
@@ -72,6 +73,7 @@ class RemoteSession:
         self.max_length = max_length
         self.hidden_size = hidden_size
         self.relay = relay
+        self.direct = direct  # direct data channels where peers offer them (molink.dht.direct)
         self.step_timeout = step_timeout
         self.streams: list[FramedStream] = []
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
@@ -136,9 +138,9 @@ class RemoteSession:
     async def _dial(self, hop: RouteHop, stack: AsyncExitStack, reconnect: bool) -> FramedStream:
         await connect_peer(self.host, with_peer_id(hop.record.addrs, hop.peer_id), timeout=CONNECT_TIMEOUT,
                            reconnect=reconnect)
-        return await stack.enter_async_context(dial_framed(
-            self.host, ID.from_base58(hop.peer_id), p.INFERENCE_PROTOCOL, limits=p.PEER_WIRE_LIMITS,
-            open_timeout=CONNECT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL,
+        return await stack.enter_async_context(dial_framed_direct(
+            self.host, ID.from_base58(hop.peer_id), hop.record.addrs, p.INFERENCE_PROTOCOL, direct=self.direct,
+            limits=p.PEER_WIRE_LIMITS, open_timeout=CONNECT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL,
             heartbeat_timeout=HEARTBEAT_TIMEOUT))
 
     async def _open_sessions(self) -> None:

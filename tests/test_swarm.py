@@ -28,6 +28,7 @@ from molink.peer import protocol as p
 from molink.peer.model_key import model_key_for
 from molink.peer.span import SpanModel
 from molink.swarm import DistributedModelForCausalLM
+from molink.swarm.inference_session import RemoteSession
 from molink.swarm.local_swarm import LocalSwarm
 
 SPANS = [(0, 1), (1, 4), (4, 6)]
@@ -164,6 +165,25 @@ def test_generation_matches_transformers(client, swarm, reference, relay, batch,
     ids, mask = prompts(batch, seed=batch)
     assert_same_generation(model, reference, ids, mask, max_new_tokens=NEW_TOKENS, **options)
     check_route(model, swarm)
+
+
+def test_direct_channels_and_libp2p_streams_give_the_same_tokens(tiny_llama, swarm, reference, monkeypatch):
+    """Sessions ride direct data channels (molink.dht.direct) by default; `direct=False` keeps them on
+    libp2p streams. Both are exact."""
+    transports: list[str] = []
+    dial = RemoteSession._dial
+
+    async def recording_dial(self, hop, stack, reconnect):
+        stream = await dial(self, hop, stack, reconnect)
+        transports.append(type(stream.stream).__name__)
+        return stream
+
+    monkeypatch.setattr(RemoteSession, "_dial", recording_dial)
+    for direct in (True, False):
+        with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, direct=direct) as model:
+            assert_same_generation(model, reference, *prompts(1, seed=5), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert transports[:3] == ["DirectChannel"] * 3
+    assert len(transports) == 6 and "DirectChannel" not in transports[3:]
 
 
 # ---------------------------------------------------------------------------- 2. the real model
