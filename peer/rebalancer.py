@@ -34,17 +34,23 @@ from safetensors import safe_open
 
 from molink.peer.block_selection import (
     RebalanceDecision,
+    block_coverage,
     choose_num_blocks,
     choose_window,
+    gaps,
     memory_fit,
     rebalance_decision,
 )
 from molink.peer.checkpoint import Checkpoint
+from molink.peer.liveness import LivenessProbe
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger("molink.peer.rebalancer")
 
 REBALANCE_INTERVAL = 60.0
+# Between rebalance checks, look for coverage holes this often: a hole is an outage for every
+# client, a merely unbalanced swarm is not, so holes are filled at once (cooldown or not).
+HOLE_CHECK_INTERVAL = 5.0
 JITTER = 0.3  # each wait is interval x uniform(1 - JITTER, 1 + JITTER)
 COOLDOWN_INTERVALS = 2  # after a move, skip this many intervals: let the swarm see us and settle
 LOOKUP_TIMEOUT = 30.0  # one find_spans / announce; a slow DHT skips a check, it never blocks serving
@@ -139,6 +145,8 @@ async def join_span(server, dht) -> SpanModel:
     """Look at the swarm, pick our window (block_selection), load it in a worker thread."""
     plan, config = server.plan, server.config
     records = await _lookup(dht, server.model_key) or []
+    # dead peers' records outlive them: fill the holes that really are there
+    records = await LivenessProbe(dht.host, dht.host.get_id().to_base58()).live_records(records, plan.model_blocks)
     n = plan.forced or choose_num_blocks(plan.fit, server.throughput, records, plan.model_blocks)
     n = max(1, min(n, plan.model_blocks))
     start, end = choose_window(records, plan.model_blocks, n, server.throughput)
@@ -169,10 +177,12 @@ def load_moved_span(old: SpanModel, model_dir: Path, start: int, end: int) -> Sp
 class Rebalancer:
     """Runs inside PeerServer.serve's nursery for peers that chose their own span."""
 
-    def __init__(self, server, dht, interval: float = REBALANCE_INTERVAL):
+    def __init__(self, server, dht, interval: float = REBALANCE_INTERVAL, liveness: LivenessProbe | None = None):
         if interval <= 0:
             raise ValueError("rebalance interval must be positive")
         self.server, self.dht, self.interval = server, dht, interval
+        self.hole_check_interval = min(HOLE_CHECK_INTERVAL, interval)
+        self.liveness = liveness or LivenessProbe(dht.host, dht.host.get_id().to_base58())
         self.moves = 0
         self._cooldown_until = 0.0
         self._nursery: trio.Nursery | None = None
@@ -181,18 +191,46 @@ class Rebalancer:
         async with trio.open_nursery() as nursery:  # owns the "drop the old span" waiters
             self._nursery = nursery
             task_status.started()
+            next_check = trio.current_time() + self._jittered(self.interval)
             while True:
-                await trio.sleep(self.interval * random.uniform(1 - JITTER, 1 + JITTER))
-                if trio.current_time() < self._cooldown_until or self.server.handler.leaving:
+                await trio.sleep(self._jittered(self.hole_check_interval))
+                if self.server.handler.leaving:
                     continue
                 try:
-                    await self.check_once()
+                    if await self.hole_seen():
+                        await self.check_once()
+                    elif trio.current_time() >= next_check:
+                        next_check = trio.current_time() + self._jittered(self.interval)
+                        if trio.current_time() >= self._cooldown_until:
+                            await self.check_once()
                 except Exception:  # a failed check must not take the peer down: try next time
                     logger.warning("rebalance check failed", exc_info=True)
 
+    @staticmethod
+    def _jittered(seconds: float) -> float:
+        return seconds * random.uniform(1 - JITTER, 1 + JITTER)
+
+    async def _live_records(self):
+        records = await _lookup(self.dht, self.server.model_key)
+        if records is None:
+            return None
+        return await self.liveness.live_records(records, self.server.span.config.num_hidden_layers)
+
+    async def hole_seen(self) -> bool:
+        """Does some block have no live server (counting us)?"""
+        me = self.server.record()
+        records = await self._live_records() if me is not None else None
+        if records is None:
+            return False
+        others = [r for r in records if r.peer_id != me.peer_id]
+        holes = gaps(block_coverage([*others, me], self.server.span.config.num_hidden_layers))
+        if holes:
+            logger.info("coverage hole(s) %s: checking whether to move", holes)
+        return bool(holes)
+
     async def decide(self) -> RebalanceDecision | None:
         me = self.server.record()
-        records = await _lookup(self.dht, self.server.model_key) if me is not None else None
+        records = await self._live_records() if me is not None else None
         if records is None:
             return None
         return rebalance_decision(records, me, self.server.span.config.num_hidden_layers)

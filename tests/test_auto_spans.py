@@ -101,3 +101,32 @@ def test_auto_peers_fill_gaps_do_not_flap_and_heal_churn(tiny_llama):
         # One move when both first peers chose 2..4, none when the second saw the first (a rare
         # simultaneous decision costs a few more; the spans were stable once the gap closed).
         print("moves:", {p.name: p.log_file.read_text().count("rebalance: now serving") for p in [*auto, third]})
+
+
+def test_a_killed_peers_hole_is_filled_long_before_its_record_expires(tiny_llama):
+    """SIGKILL leaves no withdrawal: the dead peer's record stays listed for its TTL (120 s). An
+    auto peer whose rebalance interval is far away (600 s) still sees the hole within seconds — it
+    asks the thinly covered blocks' servers whether they are alive — and moves into it."""
+    with LocalSwarm(tiny_llama, [(0, 3), (3, 6)]) as swarm:
+        auto = swarm.add_peer(None, name="auto", extra_args=["--num-blocks", "3", "--rebalance-interval", "600"])
+        client = DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers)
+        try:
+            spans = wait_for_cover(client, [auto], 3)
+            window = spans[peer_id_of(auto)]
+            victim = next(p for p in swarm.peers[:2] if spans[peer_id_of(p)] != window)
+            hole = spans[peer_id_of(victim)]
+            swarm.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            while spans_by_peer(client.find_spans()).get(peer_id_of(auto)) != hole:
+                assert time.monotonic() - killed_at < 60, "the hole was not filled:\n" + auto.log_tail(12)
+                time.sleep(0.5)
+            print(f"hole {hole} filled {time.monotonic() - killed_at:.1f} s after the kill")
+            assert peer_id_of(victim) in spans_by_peer(client.find_spans())  # still listed: only probing saw it
+            assert "do not answer" in auto.log_file.read_text()
+
+            ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(1))
+            reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train(False)
+            expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+            assert torch.equal(client.generate(ids, max_new_tokens=8, do_sample=False), expected)
+        finally:
+            client.close()
