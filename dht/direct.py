@@ -36,7 +36,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from molink.dht.host import guard_handler
-from molink.dht.streams import STREAM_ERRORS, FramedStream, StreamOpenTimeout, dial_framed, open_framed_stream
+from molink.dht.streams import (
+    STREAM_ERRORS,
+    FramedStream,
+    StreamOpenTimeout,
+    dial_framed,
+    open_framed_stream,
+    open_raw_stream,
+)
 from molink.dht.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -340,26 +347,48 @@ async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
     return channel
 
 
-@asynccontextmanager
-async def dial_framed_direct(host: Any, peer_id: Any, addrs: Sequence[str], protocol: str, *, direct: bool = True,
-                             open_timeout: float = CONNECT_TIMEOUT, **options: Any) -> AsyncIterator[FramedStream]:
-    """A FramedStream to `protocol` on the peer: over a direct channel when it offers one and its
-    TCP address is reachable, else over a libp2p stream (the libp2p connection must exist)."""
+async def open_data_stream(host: Any, peer_id: Any, addrs: Sequence[str], protocol: str, *, direct: bool = True,
+                           open_timeout: float = CONNECT_TIMEOUT) -> Any:
+    """An unframed byte stream to `protocol` on the peer: a direct channel when it offers one and
+    its TCP address is reachable, else a libp2p stream (the libp2p connection must exist). Frame it
+    with `framed_data_stream`, which also releases it."""
     ip = tcp_ip_of(addrs) if direct else None
-    channel = None
     if ip is not None:
         try:
-            channel = await open_direct_channel(host, peer_id, ip, protocol, open_timeout)
+            return await open_direct_channel(host, peer_id, ip, protocol, open_timeout)
         except (trio.TooSlowError, OSError, DirectChannelError, *STREAM_ERRORS) as exc:
             if isinstance(exc, StreamOpenTimeout):
                 raise  # the peer does not answer at all: a libp2p stream would not open either
             logger.info("direct channel to %s unavailable (%s); using a libp2p stream", peer_id, exc)
-    if channel is None:
-        async with dial_framed(host, peer_id, protocol, open_timeout=open_timeout, **options) as framed:
-            yield framed
+    return await open_raw_stream(host, peer_id, protocol, open_timeout=open_timeout)
+
+
+async def release_data_stream(stream: Any) -> None:
+    """For a stream from open_data_stream that will never be framed (error paths)."""
+    if isinstance(stream, DirectChannel):
+        await stream.reset()
         return
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception:
+            logger.debug("resetting an unused stream failed", exc_info=True)
+
+
+@asynccontextmanager
+async def framed_data_stream(stream: Any, **options: Any) -> AsyncIterator[FramedStream]:
     try:
-        async with open_framed_stream(channel, **options) as framed:
+        async with open_framed_stream(stream, **options) as framed:
             yield framed
     finally:
-        await channel.aclose_socket()
+        if isinstance(stream, DirectChannel):
+            await stream.aclose_socket()
+
+
+@asynccontextmanager
+async def dial_framed_direct(host: Any, peer_id: Any, addrs: Sequence[str], protocol: str, *, direct: bool = True,
+                             open_timeout: float = CONNECT_TIMEOUT, **options: Any) -> AsyncIterator[FramedStream]:
+    """open_data_stream + framed_data_stream in one."""
+    stream = await open_data_stream(host, peer_id, addrs, protocol, direct=direct, open_timeout=open_timeout)
+    async with framed_data_stream(stream, **options) as framed:
+        yield framed

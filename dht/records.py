@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from molink.crypto.signing import SignatureError, sign_record, verify_record
 ANNOUNCE_KIND = "molink.span.announce/v1"
 WITHDRAW_KIND = "molink.span.withdraw/v1"
 
-MAX_RECORD_BYTES = 4096  # every field at its cap: ~3.6 KB; a typical record: ~400 B
+MAX_RECORD_BYTES = 6144  # every field at its cap: ~4.8 KB; a typical record: ~500 B (+75 B per next_rtts entry)
 DEFAULT_TTL = 180.0  # seconds; announcers refresh every ~60 s, so a dead peer lingers <= 3 min
 MAX_TTL = 3600.0  # a record may not claim to live longer than this past the reader's clock
 MAX_CLOCK_SKEW = 60.0  # tolerance added to MAX_TTL only (expired is expired)
@@ -48,9 +49,13 @@ MAX_VERSION_CHARS = 64
 MAX_SEQ = (1 << 63) - 1
 MODEL_KEY_HEX_CHARS = 40  # 160 bits: collisions need ~2^80 work
 PEER_ID_MAX_CHARS = 64
+MAX_NEXT_RTTS = 16  # peers a record may report round trips to (its successors in the model)
+MAX_RTT = 60.0  # seconds; anything slower is a broken path, not a delay worth routing around
+MAX_SESSIONS = 1 << 20
 
 _MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_CHARS}}}$")
 _VERSION_RE = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_VERSION_CHARS)
+_PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,%d}$" % PEER_ID_MAX_CHARS)  # base58btc
 
 
 class RecordError(Exception):
@@ -109,6 +114,11 @@ class SpanRecord:
     routing k of this peer's blocks estimates k / throughput seconds of compute per token.
     (Per-block units keep sub-span routing honest; a whole-span figure would not.)
     free_cache_tokens: KV-cache tokens (per block) the peer can still give new sessions.
+    sessions: sessions open on the peer when it signed the record (a load figure for routing;
+    per-token queue lengths change in milliseconds and would be stale long before anyone read them).
+    next_rtts: smoothed round trips (seconds) from this peer to peers serving the blocks right after
+    its span (peer/neighbours.py), as sorted (peer_id, seconds) pairs; a msgpack map on the wire.
+    A client routing p -> q in push mode pays p's RTT to q, which only p can measure.
     """
 
     model_key: str
@@ -122,10 +132,19 @@ class SpanRecord:
     version: str
     seq: int
     expires_at: float
+    sessions: int = 0
+    next_rtts: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Callers may pass a list; keep the frozen record immutable (and comparable) throughout.
         object.__setattr__(self, "addrs", tuple(self.addrs))
+        # A map would make the record unhashable; sorted pairs are one canonical value per content.
+        rtts = self.next_rtts.items() if isinstance(self.next_rtts, dict) else self.next_rtts
+        try:
+            object.__setattr__(self, "next_rtts", tuple(sorted((k, float(v) if type(v) is int else v)
+                                                               for k, v in rtts)))
+        except (TypeError, ValueError) as exc:  # unsortable keys, pairs that are not pairs
+            raise MalformedRecord("next_rtts must map peer ids to seconds") from exc
         # Signed bytes must decode back to the same types: floats stay floats on the wire.
         for name in ("throughput", "expires_at"):
             value = getattr(self, name)
@@ -146,6 +165,8 @@ class SpanRecord:
         *,
         ttl: float = DEFAULT_TTL,
         now: float | None = None,
+        sessions: int = 0,
+        next_rtts: dict[str, float] | None = None,
     ) -> "SpanRecord":
         now = time.time() if now is None else now
         record = cls(
@@ -160,6 +181,8 @@ class SpanRecord:
             version=version,
             seq=next_seq(),
             expires_at=now + ttl,
+            sessions=sessions,
+            next_rtts=tuple((next_rtts or {}).items()),
         )
         record.check_fields()
         return record
@@ -177,6 +200,11 @@ class SpanRecord:
         now = time.time() if now is None else now
         return replace(self, seq=next_seq(), expires_at=now + ttl)
 
+    @cached_property
+    def next_rtt_map(self) -> dict[str, float]:
+        """next_rtts as a dict, built once per record (routing looks pairs up in its inner loop)."""
+        return dict(self.next_rtts)
+
     @property
     def is_withdrawal(self) -> bool:
         return self.start == self.end
@@ -188,6 +216,7 @@ class SpanRecord:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["addrs"] = list(self.addrs)
+        d["next_rtts"] = dict(self.next_rtts)
         return d
 
     @classmethod
@@ -201,6 +230,12 @@ class SpanRecord:
                 raise MalformedRecord(f"field {name!r} has type {type(d[name]).__name__}")
         if not all(isinstance(a, str) for a in d["addrs"]):
             raise MalformedRecord("addrs must be strings")
+        # Bound the map before touching its items: a hostile record must not make us sort 10k keys
+        # (the byte limit already caps it; this keeps the check independent of that limit).
+        if len(d["next_rtts"]) > MAX_NEXT_RTTS:
+            raise MalformedRecord(f"next_rtts has more than {MAX_NEXT_RTTS} entries")
+        if not all(isinstance(k, str) and type(v) is float for k, v in d["next_rtts"].items()):
+            raise MalformedRecord("next_rtts must map peer id strings to float seconds")
         record = cls(**d)
         record.check_fields()
         return record
@@ -217,8 +252,8 @@ class SpanRecord:
             raise MalformedRecord(f"bad span [{self.start}, {self.end})")
         if len(self.addrs) > MAX_ADDRS:
             raise MalformedRecord(f"more than {MAX_ADDRS} addresses")
-        if self.is_withdrawal and (self.start, self.addrs) != (0, ()):
-            raise MalformedRecord("a withdrawal has span [0, 0) and no addresses")
+        if self.is_withdrawal and (self.start, self.addrs, self.sessions, self.next_rtts) != (0, (), 0, ()):
+            raise MalformedRecord("a withdrawal has span [0, 0), no addresses, sessions or rtts")
         for addr in self.addrs:
             if not 0 < len(addr) <= MAX_ADDR_CHARS:
                 raise MalformedRecord("address too long or empty")
@@ -230,6 +265,17 @@ class SpanRecord:
             raise MalformedRecord("throughput out of range")
         if not 0 <= self.free_cache_tokens <= MAX_CACHE_TOKENS:
             raise MalformedRecord("free_cache_tokens out of range")
+        if not (type(self.sessions) is int and 0 <= self.sessions <= MAX_SESSIONS):
+            raise MalformedRecord("sessions out of range")
+        if len(self.next_rtts) > MAX_NEXT_RTTS:
+            raise MalformedRecord(f"next_rtts has more than {MAX_NEXT_RTTS} entries")
+        if len({peer for peer, _ in self.next_rtts}) != len(self.next_rtts):
+            raise MalformedRecord("next_rtts names a peer twice")  # the wire map could not say both
+        for peer, rtt in self.next_rtts:
+            if not (isinstance(peer, str) and _PEER_ID_RE.match(peer) and peer != self.peer_id):
+                raise MalformedRecord("next_rtts keys must be other peers' base58 ids")
+            if not (isinstance(rtt, float) and math.isfinite(rtt) and 0.0 < rtt < MAX_RTT):
+                raise MalformedRecord(f"next_rtts values must be seconds in (0, {MAX_RTT:.0f})")
         if not _VERSION_RE.match(self.version):
             raise MalformedRecord("version must be 1-64 printable ASCII characters")
         if not 0 <= self.seq <= MAX_SEQ:
@@ -257,7 +303,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(SpanRecord))
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_key": str, "peer_id": str, "public_key": bytes, "start": int, "end": int,
     "addrs": list, "throughput": float, "free_cache_tokens": int, "version": str, "seq": int,
-    "expires_at": float,
+    "expires_at": float, "sessions": int, "next_rtts": dict,
 }
 
 

@@ -463,6 +463,22 @@ async def open_framed_stream(stream: INetStream, **options: Any) -> AsyncIterato
             await framed.aclose()
 
 
+async def open_raw_stream(host: Any, peer_id: Any, protocol_ids: str | Sequence[str], *,
+                          open_timeout: float = 10.0) -> INetStream:
+    """A libp2p stream to an already connected (or dialable) peer, not yet framed."""
+    if isinstance(protocol_ids, str):
+        protocol_ids = [protocol_ids]
+    try:
+        with trio.fail_after(open_timeout):
+            return await host.new_stream(peer_id, list(protocol_ids))
+    except trio.TooSlowError:
+        raise StreamOpenTimeout(f"opening {protocol_ids} to {peer_id} took over {open_timeout} s")
+    except Exception as exc:  # StreamFailure, SwarmException, ...
+        # libp2p's message is generic; the reason ("protocol not supported") is in its cause.
+        reason = f"{exc}" + (f" ({exc.__cause__})" if exc.__cause__ else "")
+        raise StreamOpenError(f"could not open {protocol_ids} to {peer_id}: {reason}") from exc
+
+
 @asynccontextmanager
 async def dial_framed(
     host: Any,
@@ -473,17 +489,7 @@ async def dial_framed(
     **options: Any,
 ) -> AsyncIterator[FramedStream]:
     """Open a libp2p stream to an already connected (or dialable) peer and frame it."""
-    if isinstance(protocol_ids, str):
-        protocol_ids = [protocol_ids]
-    try:
-        with trio.fail_after(open_timeout):
-            raw = await host.new_stream(peer_id, list(protocol_ids))
-    except trio.TooSlowError:
-        raise StreamOpenTimeout(f"opening {protocol_ids} to {peer_id} took over {open_timeout} s")
-    except Exception as exc:  # StreamFailure, SwarmException, ...
-        # libp2p's message is generic; the reason ("protocol not supported") is in its cause.
-        reason = f"{exc}" + (f" ({exc.__cause__})" if exc.__cause__ else "")
-        raise StreamOpenError(f"could not open {protocol_ids} to {peer_id}: {reason}") from exc
+    raw = await open_raw_stream(host, peer_id, protocol_ids, open_timeout=open_timeout)
     async with open_framed_stream(raw, **options) as framed:
         yield framed
 

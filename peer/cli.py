@@ -93,6 +93,16 @@ def _add_join(sub) -> None:
     p.add_argument("--max-cache-mb", type=int, default=1024, help="KV-cache memory budget (default 1024 MB)")
     p.add_argument("--session-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
     p.add_argument("--model-name", default=None, help="name in the DHT key (default: the model folder's name)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="run every session's step on its own (no continuous batching, no decode-first "
+                        "scheduling; also MOLINK_BATCHING=0)")
+    p.add_argument("--max-batch", type=_positive_int, default=None, metavar="ROWS",
+                   help="most sequences in one batched forward (default 64)")
+    p.add_argument("--batch-tokens", type=_positive_int, default=None, metavar="N",
+                   help="token budget of one prefill chunk, run behind pending decode steps (default 128)")
+    p.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
+                   help="wait at most MS for other active sessions' decode steps before a forward "
+                        "(default 8; the wait is also capped at half a single-token forward)")
     p.add_argument("--direct-port", type=int, default=0, metavar="PORT",
                    help="TCP port for direct data channels (default: any free port; see README)")
     p.add_argument("--no-direct", action="store_true",
@@ -135,10 +145,19 @@ def run_join(args) -> int:
         max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
         max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,
+        batching=_batching(args),
         direct_port=None if args.no_direct else args.direct_port, **auto)
     server = PeerServer.load(config)
     trio.run(server.serve)
     return 0
+
+
+def _batching(args):
+    from molink.peer.scheduler import BatchingConfig
+
+    window = None if args.batch_window_ms is None else args.batch_window_ms / 1000
+    return BatchingConfig.from_env(enabled=False if args.no_batching else None, window=window,
+                                   max_rows=args.max_batch, max_tokens=args.batch_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,9 @@ from molink.dht.host import ConnectError, connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
 from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
+from molink.peer.batched_span import StepWork
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
+from molink.peer.scheduler import BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class PeerStats:
 
 class InferenceHandler:
     def __init__(self, span: SpanModel, model_key: str, registry: SessionRegistry, host,
-                 idle_timeout: float = 300.0, throughput: float = 0.0):
+                 idle_timeout: float = 300.0, throughput: float = 0.0, batching: BatchingConfig | None = None):
         self.span = span
         self.throughput = throughput  # block-steps per second, measured at start
         self.model_key = model_key
@@ -57,6 +59,15 @@ class InferenceHandler:
         self.compute_limiter = trio.CapacityLimiter(1)
         self.stats = PeerStats()
         self.leaving = False
+        # continuous batching + decode first (scheduler.py); None: every step alone, as they come
+        self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
+
+    async def run_scheduler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The step scheduler's worker (nursery.start it before serving); returns at once without one."""
+        if self.scheduler is None:
+            task_status.started()
+            return
+        await self.scheduler.run(task_status=task_status)
 
     # ------------------------------------------------------------------ client sessions
 
@@ -215,6 +226,8 @@ class InferenceHandler:
             await self._send_error(session.client_stream, frame.request_id, code, f"forwarding failed: {exc}", step)
 
     async def _compute(self, session: ActiveSession, hidden, mask):
+        if self.scheduler is not None:
+            return await self.scheduler.submit(session.span, StepWork(session.span_session, hidden, mask))
         blocks = session.span_session.end - session.span_session.start
         expected = hidden.shape[0] * hidden.shape[1] * blocks / self.throughput if self.throughput else 1.0
         if expected < INLINE_COMPUTE_SECONDS and self.compute_limiter.borrowed_tokens == 0:
@@ -234,7 +247,8 @@ class InferenceHandler:
     def info(self) -> dict:
         return {"peer_id": self.host.get_id().to_base58(), "model_key": self.model_key,
                 "start": self.span.start, "end": self.span.end, "sessions": len(self.registry),
-                "free_cache_tokens": self.registry.free_tokens, "steps": self.stats.steps}
+                "free_cache_tokens": self.registry.free_tokens, "steps": self.stats.steps,
+                "batching": self.scheduler.stats.as_dict() if self.scheduler is not None else None}
 
     async def handle_info(self, framed: FramedStream) -> None:
         try:

@@ -30,7 +30,9 @@ from molink.peer import protocol as p
 from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
+from molink.peer.neighbours import NeighbourProber, probe_interval_from_env
 from molink.peer.rebalancer import REBALANCE_INTERVAL, AutoPlan, Rebalancer, join_span, plan_auto_span
+from molink.peer.scheduler import BatchingConfig
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger("molink.peer")
@@ -70,7 +72,9 @@ class PeerConfig:
     num_blocks: int | None = None  # auto span: force this many blocks (default: memory and speed decide)
     max_memory_bytes: int | None = None  # auto span: memory to fill (default: the device's free memory)
     rebalance_interval: float = REBALANCE_INTERVAL  # auto span: seconds between checks (0: never move)
+    batching: BatchingConfig = field(default_factory=BatchingConfig.from_env)  # scheduler.py
     direct_port: int | None = 0  # direct data channels (dht/direct.py): 0 = any free port, None = off
+    probe_interval: float = field(default_factory=probe_interval_from_env)  # neighbours.py: next-hop RTTs (0: off)
 
 
 def measure_throughput(span: SpanModel, steps: int = 24) -> float:
@@ -102,6 +106,7 @@ class PeerServer:
         self.registry = SessionRegistry(self._cache_budget() if span is not None else 0)
         self.handler: InferenceHandler | None = None
         self.addrs: list[str] = []
+        self.neighbours: NeighbourProber | None = None  # RTTs to our next hops, for the record
 
     def _cache_budget(self) -> int:
         return self.config.cache_tokens or max(1, self.config.max_cache_bytes // self.span.kv_bytes_per_token())
@@ -122,8 +127,12 @@ class PeerServer:
     def record(self) -> SpanRecord | None:
         if self.handler is None or self.handler.leaving:
             return None
+        # Load is the number of open sessions: a queue length changes per token and would be stale
+        # long before a client read it from a record re-announced every 30 s.
         return SpanRecord.create(self.config.identity, self.model_key, self.span.start, self.span.end, self.addrs,
-                                 self.throughput, self.registry.free_tokens, VERSION, ttl=RECORD_TTL)
+                                 self.throughput, self.registry.free_tokens, VERSION, ttl=RECORD_TTL,
+                                 sessions=len(self.registry),
+                                 next_rtts=self.neighbours.published() if self.neighbours else None)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with running_host(self.config.identity.keypair, self.config.listen) as host:
@@ -136,7 +145,7 @@ class PeerServer:
                     self.registry.budget_tokens = self._cache_budget()
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
                                                           idle_timeout=self.config.idle_timeout,
-                                                          throughput=self.throughput)
+                                                          throughput=self.throughput, batching=self.config.batching)
                 data_handlers = {
                     p.INFERENCE_PROTOCOL: framed_handler(handler.handle_inference, limits=p.PEER_WIRE_LIMITS,
                                                          receive_timeout=self.config.idle_timeout),
@@ -146,8 +155,15 @@ class PeerServer:
                     set_protocol_handler(host, protocol_id, stream_handler)
                 set_protocol_handler(host, p.INFO_PROTOCOL, framed_handler(handler.handle_info))
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(handler.run_scheduler)
                     await self._start_direct_channels(host, data_handlers, nursery)
                     await nursery.start(partial(dht.run_announcer, self.record, ANNOUNCE_INTERVAL, ttl=RECORD_TTL))
+                    if self.config.probe_interval > 0:
+                        self.neighbours = NeighbourProber(
+                            host, dht, self.model_key, lambda: (self.span.start, self.span.end),
+                            self.span.config.num_hidden_layers, interval=self.config.probe_interval,
+                            record=self.record)
+                        await nursery.start(self.neighbours.run)
                     full_addr = str(p2p_addrs(host)[0])
                     logger.info("peer %s ready at %s", host.get_id().to_base58(), full_addr)
                     if self.config.ready_file:

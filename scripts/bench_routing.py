@@ -20,14 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def swarm(peers: int, blocks: int, rng: random.Random) -> tuple[list[SpanRecord], dict[str, float]]:
+    """Random spans; every peer announces a load and RTTs to up to 16 successors (as peers do)."""
     identities = [Identity.generate() for _ in range(peers)]
-    records = []
-    for i, identity in enumerate(identities):
+    spans = []
+    for i in range(peers):
         length = rng.randint(4, 12)
         start = (i * blocks // peers) % (blocks - length) if i >= 2 else i * blocks // 2
-        end = start + length if i >= 2 else start + blocks // 2
+        spans.append((start, start + length if i >= 2 else start + blocks // 2))
+    ids = [identity.peer_id.to_base58() for identity in identities]
+    records = []
+    for identity, (start, end) in zip(identities, spans):
+        successors = [peer for peer, (s, e) in zip(ids, spans) if s <= end < e][:16]
         records.append(SpanRecord.create(identity, "0" * 40, start, end, ["/ip4/127.0.0.1/tcp/1"],
-                                         rng.uniform(10, 1000), 10_000, "bench"))
+                                         rng.uniform(10, 1000), 10_000, "bench", sessions=rng.randint(0, 3),
+                                         next_rtts={peer: rng.uniform(0.001, 0.1) for peer in successors}))
     return records, {r.peer_id: rng.uniform(0.001, 0.1) for r in records}
 
 

@@ -54,16 +54,9 @@ def log(message: str) -> None:
 
 
 def model_dir(name: str, tmp: Path) -> Path:
-    if name == "tiny":
-        from make_tiny_model import make_tiny_model
+    from make_tiny_model import bench_model_dir
 
-        # 2048 positions: the 1024-token TTFT prompt must fit (the default tiny model has 512)
-        return make_tiny_model("llama", tmp / "tiny", layers=6, max_position_embeddings=2048)
-    if name == "smollm2":
-        from molink.swarm.default_model import convert_smollm2
-
-        return convert_smollm2()
-    return Path(name)
+    return bench_model_dir(name, tmp, positions=2048)  # room for the longest prompt
 
 
 def hop_links(mode: str, peers: int) -> list[str]:

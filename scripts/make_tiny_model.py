@@ -72,6 +72,19 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 6, seed: int = 0
     return out
 
 
+def bench_model_dir(name: str, tmp: Path, positions: int | None = None) -> Path:
+    """A benchmark's model: "tiny" (built in tmp; `positions` long enough for its longest prompt),
+    "smollm2" (the real default model, converted once) or a model directory."""
+    if name == "tiny":
+        extra = {"max_position_embeddings": positions} if positions else {}
+        return make_tiny_model("llama", tmp / "tiny", layers=6, **extra)
+    if name == "smollm2":
+        from molink.swarm.default_model import convert_smollm2
+
+        return convert_smollm2()
+    return Path(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llama", choices=sorted(FAMILY_EXTRAS))

@@ -171,8 +171,10 @@ class DistributedModelForCausalLM(SwarmModelBase):
 
     def _plan(self, records, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
         records = [r for r in records if self._unreachable.get(r.peer_id) != r.seq]
+        # rtts: our own heartbeat round trips (first and last hop; fallback for pairs whose first
+        # peer published none); relay: every hop is then a round trip of ours (routing.py)
         return make_route(records, self.config.num_hidden_layers, banned=banned, rtts=self.rtts,
-                          load=self.active_sessions, min_free_tokens=batch_size * max_length)
+                          load=self.active_sessions, min_free_tokens=batch_size * max_length, relay=self.relay)
 
     def _session_closed(self, session: RemoteSession) -> None:
         if getattr(session, "_counted_out", False):

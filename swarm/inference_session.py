@@ -20,7 +20,7 @@ import trio
 from libp2p.peer.id import ID
 
 from molink.dht.host import connect_peer, with_peer_id
-from molink.dht.direct import dial_framed_direct
+from molink.dht.direct import framed_data_stream, open_data_stream, release_data_stream
 from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
@@ -123,25 +123,40 @@ class RemoteSession:
                 await self._closed.wait()
 
     async def _open_streams(self, stack: AsyncExitStack) -> None:
-        for hop in self.route:
+        """One stream per hop. The network part (connect, ticket, TCP) of every hop runs in parallel
+        — on a WAN each is several round trips — then each is framed (no I/O) in route order."""
+        raw: list = [None] * len(self.route)
+
+        async def open_one(index: int, hop: RouteHop) -> None:
             try:
-                stream = await self._dial(hop, stack, reconnect=False)
+                raw[index] = await self._dial(hop, reconnect=False)
             except Exception:
                 # one retry on a fresh connection: an old one may be half-dead after a failure
                 try:
-                    stream = await self._dial(hop, stack, reconnect=True)
+                    raw[index] = await self._dial(hop, reconnect=True)
                 except Exception as exc:
                     raise InferenceError(f"cannot reach peer {hop.peer_id}: {exc}", hop.peer_id,
                                          unreachable=True) from exc
-            self.streams.append(stream)
 
-    async def _dial(self, hop: RouteHop, stack: AsyncExitStack, reconnect: bool) -> FramedStream:
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, hop in enumerate(self.route):
+                    nursery.start_soon(open_one, index, hop)
+        except BaseException:
+            for stream in raw:
+                if stream is not None:
+                    await release_data_stream(stream)
+            raise
+        for stream in raw:
+            self.streams.append(await stack.enter_async_context(framed_data_stream(
+                stream, limits=p.PEER_WIRE_LIMITS, heartbeat_interval=HEARTBEAT_INTERVAL,
+                heartbeat_timeout=HEARTBEAT_TIMEOUT)))
+
+    async def _dial(self, hop: RouteHop, reconnect: bool):
         await connect_peer(self.host, with_peer_id(hop.record.addrs, hop.peer_id), timeout=CONNECT_TIMEOUT,
                            reconnect=reconnect)
-        return await stack.enter_async_context(dial_framed_direct(
-            self.host, ID.from_base58(hop.peer_id), hop.record.addrs, p.INFERENCE_PROTOCOL, direct=self.direct,
-            limits=p.PEER_WIRE_LIMITS, open_timeout=CONNECT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL,
-            heartbeat_timeout=HEARTBEAT_TIMEOUT))
+        return await open_data_stream(self.host, ID.from_base58(hop.peer_id), hop.record.addrs,
+                                      p.INFERENCE_PROTOCOL, direct=self.direct, open_timeout=CONNECT_TIMEOUT)
 
     async def _open_sessions(self) -> None:
         session_ids = [os.urandom(p.SESSION_ID_BYTES) for _ in self.route]

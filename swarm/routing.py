@@ -1,14 +1,24 @@
 """Choosing which peers run which blocks for one generation: the least expected time per token.
 
-The route is a shortest path over block boundaries 0..L: a peer serving [start, end) offers an
-edge s -> end for every s in [start, end) (a route may use the tail of a span). An edge costs
-  one-way delay to reach the peer (RTT/2: measured, else a default)
-+ (end - s) / throughput  (the record's block-forwards per second, divided by the load we put on it)
-+ a penalty for relayed addresses (an extra hop through a relay).
-The last peer also pays RTT/2 back to the client. Dijkstra on <= L+1 nodes and one edge per
-(peer, start block): 100 peers x 10 blocks plan in well under 10 ms (tests/test_routing.py).
-Sessions spread over replicas because each session this client already runs on a peer counts as
-load on it, and a little jitter breaks exact ties between identical replicas.
+A route always runs a peer's span from wherever it enters (any block inside the span) to the
+span's end (or the model's end), so the peer used last fixes where the route stands: the planner is
+Dijkstra over "last peer" states. From the client (boundary 0) or from peer p (boundary p.end) the
+route may continue with any q serving that boundary (q.start <= boundary < q.end), paying
+  the delay to reach q
++ (q.end - boundary) blocks x load / q.throughput  (announced block-forwards per second; load =
+  1 + sessions q announced + sessions this client runs on q, so sessions spread over replicas)
++ a penalty for relayed addresses (an extra hop through a relay),
+and the last peer pays the way back to the client. The delay depends on the mode:
+- push (default): hidden states go client -> p0 -> p1 -> ... -> pk -> client, so p -> q costs p's
+  published RTT to q / 2 (SpanRecord.next_rtts, measured by p: peer/neighbours.py); unpublished
+  pairs fall back to the client's RTT to q / 2 (measured by heartbeats, else DEFAULT_RTT). The first
+  hop costs the client's RTT to p0 / 2 and the way back pk's RTT to the client / 2.
+- relay: the client carries every hop itself, so each hop costs the client's full RTT to that peer.
+Edges that fall back all cost the same from any state at one boundary, so each (boundary, q) pair
+is relaxed by fallback once, from the cheapest state there (the first Dijkstra pops); published
+pairs (<= 16 per peer) are relaxed one by one. Work ~ sum of span lengths + published pairs:
+100 peers / 80 blocks plan in well under 10 ms (scripts/bench_routing.py). A little jitter per peer
+breaks exact ties between identical replicas.
 """
 
 from __future__ import annotations
@@ -94,36 +104,69 @@ def is_relayed(record: SpanRecord) -> bool:
 
 def make_route(records: list[SpanRecord], num_blocks: int, *, banned: set[str] = frozenset(),
                rtts: dict[str, float] | None = None, load: dict[str, int] | None = None,
-               min_free_tokens: int = 0, rng: random.Random | None = None) -> list[RouteHop]:
-    """The cheapest chain of hops covering blocks [0, num_blocks)."""
+               min_free_tokens: int = 0, rng: random.Random | None = None, relay: bool = False) -> list[RouteHop]:
+    """The cheapest chain of hops covering blocks [0, num_blocks).
+
+    rtts: the client's own round trips to peers (seconds); load: sessions this client runs on each
+    peer; relay: plan for a client that relays every hop (RemoteSession(relay=True)).
+    """
     rtts, load, rng = rtts or {}, load or {}, rng or random
     usable = [r for r in records if r.peer_id not in banned and r.end > r.start and r.addrs
               and r.free_cache_tokens >= min_free_tokens]
-    edges: dict[int, list[tuple[float, int, SpanRecord]]] = {}
-    for r in usable:
-        end = min(r.end, num_blocks)
-        one_way = rtts.get(r.peer_id, DEFAULT_RTT) / 2
-        per_block = (1 + load.get(r.peer_id, 0)) / max(r.throughput, MIN_THROUGHPUT)
-        fixed = one_way + (RELAY_PENALTY if is_relayed(r) else 0.0) + (one_way if end == num_blocks else 0.0)
-        jitter = 1 + JITTER * rng.random()
-        for s in range(r.start, end):
-            edges.setdefault(s, []).append(((fixed + (end - s) * per_block) * jitter, end, r))
-    best = {0: 0.0}
-    came_from: dict[int, tuple[int, SpanRecord]] = {}
-    queue = [(0.0, 0)]
+    n = len(usable)
+    ids = [r.peer_id for r in usable]
+    index = {peer: i for i, peer in enumerate(ids)}
+    starts = [r.start for r in usable]
+    ends = [min(r.end, num_blocks) for r in usable]
+    client_rtt = [rtts.get(peer, DEFAULT_RTT) for peer in ids]
+    # One-way delay to q when nobody published one (push) / the client's whole round trip (relay).
+    reach = client_rtt if relay else [rtt / 2 for rtt in client_rtt]
+    back = [0.0] * n if relay else reach  # relay: the round trip above already came back
+    per_block = [(1 + r.sessions + load.get(r.peer_id, 0)) / max(r.throughput, MIN_THROUGHPUT) for r in usable]
+    penalty = [RELAY_PENALTY if is_relayed(r) else 0.0 for r in usable]
+    jitter = [1 + JITTER * rng.random() for _ in usable]
+    covering: list[list[int]] = [[] for _ in range(num_blocks)]
+    for q in range(n):
+        for b in range(starts[q], ends[q]):
+            covering[b].append(q)
+
+    target = n  # a pseudo-state: back at the client with every block done
+    dist = [float("inf")] * (n + 1)
+    prev = [-1] * (n + 1)  # -1: entered from the client
+    queue: list[tuple[float, int]] = []
+
+    def relax(q: int, cost: float, came_from: int) -> None:
+        if cost < dist[q]:
+            dist[q], prev[q] = cost, came_from
+            heapq.heappush(queue, (cost, q))
+
+    for q in covering[0] if num_blocks else ():
+        relax(q, (reach[q] + ends[q] * per_block[q] + penalty[q]) * jitter[q], -1)
+    # Per boundary, the peers not yet relaxed by fallback (see the module docstring).
+    pending: dict[int, list[int]] = {}
     while queue:
-        cost, node = heapq.heappop(queue)
-        if node == num_blocks:
+        cost, i = heapq.heappop(queue)
+        if i == target:
             break
-        if cost > best.get(node, float("inf")):
+        if cost > dist[i]:
             continue
-        for edge_cost, end, record in edges.get(node, ()):
-            new_cost = cost + edge_cost
-            if new_cost < best.get(end, float("inf")):
-                best[end] = new_cost
-                came_from[end] = (node, record)
-                heapq.heappush(queue, (new_cost, end))
-    if num_blocks not in came_from:
+        b = ends[i]
+        if b >= num_blocks:
+            relax(target, cost + back[i], i)
+            continue
+        published = {} if relay else usable[i].next_rtt_map
+        unpublished_left = []
+        for q in pending.get(b, covering[b]):
+            if ids[q] in published:
+                unpublished_left.append(q)  # a later state at b may lack a published rtt to q
+            else:
+                relax(q, cost + (reach[q] + (ends[q] - b) * per_block[q] + penalty[q]) * jitter[q], i)
+        pending[b] = unpublished_left
+        for peer, rtt in published.items():
+            q = index.get(peer)
+            if q is not None and starts[q] <= b < ends[q]:
+                relax(q, cost + (rtt / 2 + (ends[q] - b) * per_block[q] + penalty[q]) * jitter[q], i)
+    if prev[target] == -1:
         gaps = coverage_gaps(usable, num_blocks)
         roomy = [r for r in records if r.peer_id not in banned and r.end > r.start and r.addrs]
         if min_free_tokens and not coverage_gaps(roomy, num_blocks):
@@ -131,9 +174,9 @@ def make_route(records: list[SpanRecord], num_blocks: int, *, banned: set[str] =
                                f"(try a shorter generation or a smaller batch, or wait)")
         raise NoRouteError(f"no route covers all {num_blocks} blocks (uncovered with usable peers: {gaps}; "
                            f"{len(banned)} peer(s) banned)")
-    hops, node = [], num_blocks
-    while node != 0:
-        start, record = came_from[node]
-        hops.append(RouteHop(record, start, node))
-        node = start
+    hops, i = [], prev[target]
+    while i != -1:
+        entered = ends[prev[i]] if prev[i] != -1 else 0
+        hops.append(RouteHop(usable[i], entered, ends[i]))
+        i = prev[i]
     return hops[::-1]

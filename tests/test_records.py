@@ -16,6 +16,7 @@ from molink.crypto.identity import Identity
 from molink.crypto.signing import sign_record
 from molink.dht.records import (
     ANNOUNCE_KIND,
+    MAX_NEXT_RTTS,
     MAX_RECORD_BYTES,
     MAX_TTL,
     WITHDRAW_KIND,
@@ -39,6 +40,7 @@ ALICE = Identity(bytes(range(32)))
 MALLORY = Identity(bytes(range(1, 33)))
 MODEL = model_dht_key("tiny-llama", {"hidden_size": 64, "num_hidden_layers": 8}, "00" * 32)
 ADDR = "/ip4/127.0.0.1/tcp/4001"
+BOB = Identity(bytes(range(2, 34))).peer_id.to_base58()
 
 
 def make(identity: Identity = ALICE, **overrides) -> SpanRecord:
@@ -97,10 +99,11 @@ def test_missing_signature_field() -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("start", 0), ("end", 8), ("addrs", ["/ip4/6.6.6.6/tcp/1"]), ("throughput", 9e9),
-    ("free_cache_tokens", 1), ("seq", 1), ("version", "9.9.9"),
+    ("free_cache_tokens", 1), ("seq", 1), ("version", "9.9.9"), ("sessions", 7),
+    ("next_rtts", {BOB: 0.5}), ("next_rtts", {}),
 ])
 def test_tampered_field(field, value) -> None:
-    record = make()
+    record = make(sessions=2, next_rtts={BOB: 0.003})
     d = record.to_dict()
     sig = sign_record(ALICE, ANNOUNCE_KIND, d)
     tampered = dict(d, **{field: value})
@@ -153,6 +156,13 @@ def test_wrong_model_or_peer_for_key() -> None:
     {"version": ""}, {"version": "x" * 65}, {"seq": -1}, {"model_key": "ABC"},
     {"public_key": b"\x00" * 31}, {"expires_at": float("inf")},
     {"start": 3, "end": 3},  # a withdrawal must be [0, 0) with no addresses
+    {"sessions": -1}, {"sessions": 1 << 40},
+    # next_rtts: bounded, finite, 0 < rtt < 60, keys other peers' base58 ids
+    {"next_rtts": {Identity.generate().peer_id.to_base58(): 0.01 for _ in range(MAX_NEXT_RTTS + 1)}},
+    {"next_rtts": {BOB: float("nan")}}, {"next_rtts": {BOB: float("inf")}}, {"next_rtts": {BOB: 0.0}},
+    {"next_rtts": {BOB: -0.1}}, {"next_rtts": {BOB: 60.0}}, {"next_rtts": {"": 0.1}},
+    {"next_rtts": {"0OIl": 0.1}}, {"next_rtts": {"z" * 65: 0.1}}, {"next_rtts": {BOB.encode(): 0.1}},
+    {"next_rtts": {ALICE.peer_id.to_base58(): 0.1}},  # its own id: not a next hop
 ])
 def test_out_of_range_values(overrides) -> None:
     d = dict(make().to_dict(), **overrides)
@@ -170,6 +180,13 @@ def test_out_of_range_values(overrides) -> None:
     lambda d: d.update(public_key="text"),
     lambda d: d.update(addrs="/ip4/1.2.3.4/tcp/1"),
     lambda d: d.update(addrs=[1, 2]),
+    lambda d: d.pop("next_rtts"),  # a record of the previous schema: strict, no silent default
+    lambda d: d.update(sessions=True),
+    lambda d: d.update(sessions=1.0),
+    lambda d: d.update(next_rtts=[[BOB, 0.1]]),
+    lambda d: d.update(next_rtts={BOB: 1}),  # ints are not floats on the wire
+    lambda d: d.update(next_rtts={BOB: "0.1"}),
+    lambda d: d.update(next_rtts={BOB: [0.1]}),
 ])
 def test_wrong_types(mutate) -> None:
     d = make().to_dict()
@@ -186,6 +203,23 @@ def test_wrong_types(mutate) -> None:
 def test_malformed_bytes(data) -> None:
     with pytest.raises(MalformedRecord):
         decode_and_verify(data)
+
+
+def test_next_rtts_and_sessions_round_trip() -> None:
+    carol = Identity.generate().peer_id.to_base58()
+    record = make(sessions=3, next_rtts={carol: 0.25, BOB: 0.002})
+    assert record.next_rtts == tuple(sorted({BOB: 0.002, carol: 0.25}.items()))  # one canonical order
+    decoded = decode_and_verify(record.sign(ALICE))
+    assert decoded == record and decoded.sessions == 3
+    assert decoded.next_rtt_map == {BOB: 0.002, carol: 0.25}
+    assert hash(decoded) == hash(record)  # frozen and hashable, like before the map existed
+    assert SpanRecord.create(ALICE, MODEL, 0, 2, [ADDR], 1.0, 1, "v", next_rtts={BOB: 0.1}).next_rtt_map == {BOB: 0.1}
+    with pytest.raises(MalformedRecord):  # sign() refuses what readers would refuse
+        make(next_rtts={BOB: 99.0}).sign(ALICE)
+    with pytest.raises(MalformedRecord):  # pairs naming a peer twice cannot travel as a map
+        make(next_rtts=((BOB, 0.1), (BOB, 0.2))).sign(ALICE)
+    with pytest.raises(MalformedRecord):  # a withdrawal carries no load or rtts
+        replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), next_rtts={BOB: 0.1}).sign(ALICE)
 
 
 def test_highest_seq_selected() -> None:
@@ -311,7 +345,10 @@ def test_weights_fingerprint_of_real_checkpoints(tiny_model_factory) -> None:
 
 def test_record_at_every_cap_fits_the_size_limit() -> None:
     addr = "/dns4/" + ".".join(["a" * 60] * 3)[:182] + "/tcp/65535"
-    record = SpanRecord.create(ALICE, "f" * 40, 65535, 65536, [addr] * 16, 1e12, 1 << 40, "v" * 64)
+    rtts = {"z" * 60 + f"{i:04d}".translate(str.maketrans("0", "o")): 59.9 for i in range(MAX_NEXT_RTTS)}
+    assert all(len(peer) == 64 for peer in rtts)
+    record = SpanRecord.create(ALICE, "f" * 40, 65535, 65536, [addr] * 16, 1e12, 1 << 40, "v" * 64,
+                               sessions=1 << 20, next_rtts=rtts)
     data = record.sign(ALICE)
     assert len(data) <= MAX_RECORD_BYTES
     assert decode_and_verify(data) == record

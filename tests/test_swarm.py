@@ -173,9 +173,9 @@ def test_direct_channels_and_libp2p_streams_give_the_same_tokens(tiny_llama, swa
     transports: list[str] = []
     dial = RemoteSession._dial
 
-    async def recording_dial(self, hop, stack, reconnect):
-        stream = await dial(self, hop, stack, reconnect)
-        transports.append(type(stream.stream).__name__)
+    async def recording_dial(self, hop, reconnect):
+        stream = await dial(self, hop, reconnect)
+        transports.append(type(stream).__name__)
         return stream
 
     monkeypatch.setattr(RemoteSession, "_dial", recording_dial)

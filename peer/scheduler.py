@@ -1,0 +1,300 @@
+"""The peer's step scheduler: continuous batching across sessions, decode first, a token budget per forward.
+
+Every session's step is submitted here (handler.py) and waits for its result; one worker task runs
+the forwards, one at a time, in rounds:
+
+1. **Decode first**: every queued decode step (one new token per row), oldest first, up to
+   `max_rows` rows, runs as ONE batched forward per group of steps that can share it
+   (batched_span.py; same span and blocks). Steps a span cannot batch (sliding-window caches)
+   run one by one, still ahead of any prefill.
+2. **Then one prefill chunk**: the oldest prompt advances by at most `max_tokens` tokens. A
+   1024-token prompt thus costs the running streams one chunk per token, not the whole prefill,
+   and the prompt itself still advances every round (nobody starves: decodes are FIFO under the
+   row limit, prompts FIFO among themselves and guaranteed a chunk per round).
+
+Batching window: when decode steps of other active sessions (seen in the last ACTIVE_HORIZON) are
+missing from the queue, the worker waits for them before a round, so steps pushed by the previous
+peer a little apart still share a forward; it stops as soon as none is missing, when no step has
+arrived for ARRIVAL_GAP (the previous peer's burst is over), or after the window: half the time
+of one single-token forward of the span, at most `window`. Merging one straggler saves a whole
+forward, so waiting up to half of one pays; a span that computes in 0.3 ms (a tiny model) thus
+waits ~0.15 ms at most, a 17 ms one (10 SmolLM2 blocks on one CPU core) up to `window`. A lone
+session never waits. Steps that arrive while a forward runs simply queue: most batching comes
+from there.
+
+Admission is the session registry's (memory_cache.py: KV budget and session count, `busy`
+beyond); here `max_rows` bounds one forward's batch and so its latency and transient memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from molink.peer.batched_span import StepWork, batch_key, batchable, step_batched
+from molink.peer.span import SpanModel
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_HORIZON = 0.5  # a session that sent a decode step this recently is expected to send another
+ARRIVAL_GAP = 0.001  # no step for this long: the burst from the previous peer is over
+STEP_DEADLINE = 300.0  # a step not computed by then fails instead of hanging its session
+INLINE_COMPUTE_SECONDS = 0.002  # shorter forwards run on the event loop: a thread hand-off costs ~0.3 ms
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    enabled: bool = True
+    window: float = 0.008  # the longest wait for missing steps, seconds (see the module doc)
+    max_rows: int = 64  # rows (sequences) per batched forward
+    max_tokens: int = 128  # token budget of one prefill chunk
+
+    @classmethod
+    def from_env(cls, **overrides) -> "BatchingConfig":
+        """Defaults, then MOLINK_BATCHING=0|1, MOLINK_BATCH_WINDOW_MS, MOLINK_BATCH_ROWS, MOLINK_BATCH_TOKENS."""
+        env = os.environ
+        values = dict(enabled=env.get("MOLINK_BATCHING", "1") not in ("0", "off", "false"),
+                      window=float(env.get("MOLINK_BATCH_WINDOW_MS", cls.window * 1000)) / 1000,
+                      max_rows=int(env.get("MOLINK_BATCH_ROWS", cls.max_rows)),
+                      max_tokens=int(env.get("MOLINK_BATCH_TOKENS", cls.max_tokens)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["window"] < 0 or values["max_rows"] < 1 or values["max_tokens"] < 1:
+            raise ValueError("batching window must be >= 0, max rows and token budget >= 1")
+        return cls(**values)
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """A submitted step and what became of it; a prompt keeps its place while its chunks run."""
+
+    span: SpanModel
+    work: StepWork
+    arrived: float = field(default_factory=time.monotonic)
+    done: trio.Event = field(default_factory=trio.Event)
+    offset: int = 0  # prompt tokens already through the span
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+    abandoned: bool = False  # the submitter gave up: do not start it
+
+    @property
+    def is_decode(self) -> bool:
+        return self.work.new_tokens == 1
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass
+class SchedulerStats:
+    forwards: int = 0  # forwards run (batched or not)
+    decode_rows: int = 0  # decode rows run, all forwards together
+    decode_forwards: int = 0
+    max_rows: int = 0  # the largest batch so far
+    prefill_chunks: int = 0
+
+    def as_dict(self) -> dict:
+        mean = self.decode_rows / self.decode_forwards if self.decode_forwards else 0.0
+        return {"forwards": self.forwards, "decode_forwards": self.decode_forwards, "decode_rows": self.decode_rows,
+                "mean_decode_batch": round(mean, 2), "max_batch": self.max_rows, "prefill_chunks": self.prefill_chunks}
+
+
+@dataclass(eq=False)
+class Job:
+    """One forward's worth of work: `run` (in a thread or inline) sets its steps' results or errors."""
+
+    steps: list[PendingStep]
+    tokens: int
+    run: Callable[[], None]
+
+
+class StepScheduler:
+    def __init__(self, config: BatchingConfig, throughput: float = 0.0):
+        self.config = config
+        self.throughput = throughput  # block-steps per second at batch 1: sizes the inline decision
+        self.stats = SchedulerStats()
+        self._queue: list[PendingStep] = []  # arrival order
+        self._arrival = trio.Event()
+        self._last_decode: dict[int, float] = {}  # id(SpanSession) -> when it last sent a decode step
+        self._running = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ submitters
+
+    async def submit(self, span: SpanModel, work: StepWork) -> torch.Tensor:
+        """Queue one step and wait for its output [b, n, hidden]; raises what computing it raised."""
+        if self._closed:
+            raise RuntimeError("the peer is stopping")
+        item = PendingStep(span, work)
+        if item.is_decode:
+            self._last_decode[id(work.session)] = item.arrived
+        self._queue.append(item)
+        self._arrival.set()
+        try:
+            with trio.fail_after(STEP_DEADLINE):
+                await item.done.wait()
+        except BaseException:
+            item.abandoned = True
+            raise
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    # ------------------------------------------------------------------ the worker
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The worker: start it with nursery.start; it runs until cancelled, then fails what is left."""
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                await self._wait_for_work()
+                await self._gather()
+                for job in self._plan():
+                    await self._execute(job)
+        finally:
+            self._closed = True
+            for item in self._queue:
+                item.fail(RuntimeError("the peer is stopping"))
+            self._queue.clear()
+
+    async def _wait_for_work(self) -> None:
+        while not self._queue:
+            self._arrival = trio.Event()
+            await self._arrival.wait()
+
+    async def _gather(self) -> None:
+        """Wait up to `window` for the decode steps of other active sessions (see module doc)."""
+        if self.config.window <= 0 or not any(item.is_decode for item in self._queue):
+            return
+        deadline = trio.current_time() + self._window()
+        while self._missing_decodes() > 0:
+            self._arrival = trio.Event()
+            with trio.move_on_at(min(deadline, trio.current_time() + ARRIVAL_GAP)):
+                await self._arrival.wait()
+            if not self._arrival.is_set():
+                return  # the window is over, or the burst is
+
+    def _window(self) -> float:
+        """Half a single-token forward of the span (see the module doc), at most config.window."""
+        item = next(item for item in self._queue if item.is_decode)
+        if not self.throughput:
+            return self.config.window
+        session = item.work.session
+        return min(self.config.window, 0.5 * (session.end - session.start) / self.throughput)
+
+    def _missing_decodes(self) -> int:
+        now = time.monotonic()
+        for key in [k for k, t in self._last_decode.items() if now - t > ACTIVE_HORIZON]:
+            del self._last_decode[key]
+        queued = {id(item.work.session) for item in self._queue if item.is_decode}
+        return len(self._last_decode.keys() - queued)
+
+    # ------------------------------------------------------------------ one round
+
+    def _plan(self) -> list[Job]:
+        """This round's forwards: decode groups first (FIFO under the row limit), then one prompt chunk."""
+        self._queue = [item for item in self._queue if not item.abandoned]
+        taken, rows = [], 0
+        for item in self._queue:
+            if item.is_decode:
+                if taken and rows + item.work.rows > self.config.max_rows:
+                    break  # the rest are the oldest of the next round
+                taken.append(item)
+                rows += item.work.rows
+        jobs = [self._decode_job(group) for group in self._groups(taken)]
+        taken_ids = {id(item) for item in taken}
+        self._queue = [item for item in self._queue if id(item) not in taken_ids]
+        prompt = next((item for item in self._queue if not item.is_decode), None)
+        if prompt is not None:
+            jobs.append(self._prefill_job(prompt, max(1, self.config.max_tokens // prompt.work.rows)))
+        return jobs
+
+    @staticmethod
+    def _groups(items: list[PendingStep]) -> list[list[PendingStep]]:
+        """Steps that can share a forward, in order of their oldest member; unbatchable ones alone."""
+        groups: dict[tuple, list[PendingStep]] = {}
+        for item in items:
+            key = batch_key(item.span, item.work) if batchable(item.span, item.work.session) else (id(item),)
+            groups.setdefault(key, []).append(item)
+        return list(groups.values())
+
+    def _decode_job(self, group: list[PendingStep]) -> Job:
+        def run() -> None:
+            live = [item for item in group if item.work.session.cache is not None]
+            for item in group:
+                if item.work.session.cache is None:
+                    item.error = RuntimeError("the session was closed")
+            try:
+                outputs = step_batched(group[0].span, [item.work for item in live]) if live else []
+            except Exception:  # noqa: BLE001 - one bad step must not fail the others: run them alone
+                if len(live) == 1:
+                    raise
+                logger.warning("batched step of %d sessions failed; running them one by one", len(live),
+                               exc_info=True)
+                outputs = [_run_alone(item) for item in live]
+            for item, output in zip(live, outputs):
+                item.result = output
+            self._count_decode(sum(item.work.rows for item in live))
+
+        return Job(group, sum(item.work.rows for item in group), run)
+
+    def _prefill_job(self, item: PendingStep, chunk: int) -> Job:
+        def run() -> None:
+            work, start = item.work, item.offset
+            stop = min(work.new_tokens, start + chunk)
+            item.chunks.append(item.span.step(work.session, work.hidden[:, start:stop], work.mask[:, start:stop]))
+            item.offset = stop
+            self.stats.forwards += 1
+            self.stats.prefill_chunks += 1
+            if stop == work.new_tokens:
+                item.result = item.chunks[0] if len(item.chunks) == 1 else torch.cat(item.chunks, dim=1)
+
+        return Job([item], work_tokens(item, chunk), run)
+
+    def _count_decode(self, rows: int) -> None:
+        self.stats.forwards += 1
+        self.stats.decode_forwards += 1
+        self.stats.decode_rows += rows
+        self.stats.max_rows = max(self.stats.max_rows, rows)
+
+    async def _execute(self, job: Job) -> None:
+        """Run one job inline (tiny) or in a worker thread, then wake the steps it finished."""
+        try:
+            if self.throughput and job.tokens * _blocks(job) / self.throughput < INLINE_COMPUTE_SECONDS:
+                job.run()
+            else:
+                await trio.to_thread.run_sync(job.run)
+        except Exception as exc:  # noqa: BLE001 - delivered to the step(s) it belongs to
+            for item in job.steps:
+                if item.result is None and item.error is None:
+                    item.error = exc
+        for item in job.steps:
+            if item.result is not None or item.error is not None:
+                self._queue = [other for other in self._queue if other is not item]  # a finished prompt
+                item.done.set()
+
+
+def work_tokens(item: PendingStep, chunk: int) -> int:
+    return item.work.rows * min(chunk, item.work.new_tokens - item.offset)
+
+
+def _blocks(job: Job) -> int:
+    session = job.steps[0].work.session
+    return session.end - session.start
+
+
+def _run_alone(item: PendingStep) -> torch.Tensor | None:
+    work = item.work
+    try:
+        return item.span.step(work.session, work.hidden, work.mask)
+    except Exception as exc:  # noqa: BLE001 - this step's own failure, for its own session
+        item.error = exc
+        return None
