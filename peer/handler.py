@@ -25,6 +25,7 @@ from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, Receiv
 from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
+from molink.peer.faults import Faults
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
 from molink.peer.scheduler import BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
@@ -49,7 +50,8 @@ class PeerStats:
 
 class InferenceHandler:
     def __init__(self, span: SpanModel, model_key: str, registry: SessionRegistry, host,
-                 idle_timeout: float = 300.0, throughput: float = 0.0, batching: BatchingConfig | None = None):
+                 idle_timeout: float = 300.0, throughput: float = 0.0, batching: BatchingConfig | None = None,
+                 faults: Faults | None = None):
         self.span = span
         self.throughput = throughput  # block-steps per second, measured at start
         self.model_key = model_key
@@ -59,6 +61,7 @@ class InferenceHandler:
         self.compute_limiter = trio.CapacityLimiter(1)
         self.stats = PeerStats()
         self.leaving = False
+        self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
 
@@ -208,6 +211,12 @@ class InferenceHandler:
             logger.exception("session %s: step %s failed", session.session_id.hex()[:8], step)
             await self._send_error(session.client_stream, frame.request_id, p.INTERNAL, f"step failed: {exc}", step)
             return
+        if self.faults.active:
+            if self.faults.should_drop():
+                await session.client_stream.abort()
+                return
+            await trio.sleep(self.faults.delay_ms / 1000)
+            out = self.faults.maybe_corrupt(out)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         session.steps_done += 1
@@ -248,7 +257,9 @@ class InferenceHandler:
         return {"peer_id": self.host.get_id().to_base58(), "model_key": self.model_key,
                 "start": self.span.start, "end": self.span.end, "sessions": len(self.registry),
                 "free_cache_tokens": self.registry.free_tokens, "steps": self.stats.steps,
-                "batching": self.scheduler.stats.as_dict() if self.scheduler is not None else None}
+                "batching": self.scheduler.stats.as_dict() if self.scheduler is not None else None,
+                "faults": {"corrupted_steps": self.faults.corrupted_steps, "dropped_steps": self.faults.dropped_steps}
+                if self.faults.active else None}
 
     async def handle_info(self, framed: FramedStream) -> None:
         try:
