@@ -45,14 +45,18 @@ class FailoverChain:
         self.recoveries: list[dict] = []  # what failed, and how long recovery took
 
     async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        self.history.append((hidden_states, new_mask))
+        return (await self.step_many([(hidden_states, new_mask)]))[0]
+
+    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several consecutive steps sent back to back (a prompt in chunks: the peers pipeline them)."""
+        self.history.extend(items)
         failed_at: float | None = None
         failures: list[InferenceError] = []
         while True:
             try:
                 if self.session is None:
-                    await self._reopen()
-                result = await self.session.step(hidden_states, new_mask)
+                    await self._reopen(pending=len(items))
+                results = await self.session.step_many(items)
             except NoRouteError as exc:
                 raise self._give_up(failures, exc) from exc
             except InferenceError as exc:
@@ -67,7 +71,7 @@ class FailoverChain:
                                         "errors": [str(f) for f in failures],
                                         "seconds": time.monotonic() - failed_at, "step": len(self.history)})
                 logger.info("recovered from %s in %.2f s", failures[0], time.monotonic() - failed_at)
-            return result
+            return results
 
     def _give_up(self, failures: list[InferenceError], last: Exception) -> InferenceError:
         """The error the caller sees: say "busy" when that is why, not just "no route"."""
@@ -81,8 +85,9 @@ class FailoverChain:
                                   last.peer_id, last.code)
         return InferenceError(f"no route through the swarm: {last}")
 
-    async def _reopen(self) -> None:
-        """Open a session on a fresh route and replay every earlier step through it."""
+    async def _reopen(self, pending: int = 1) -> None:
+        """Open a session on a fresh route and replay every earlier step (all but the `pending`
+        last ones of the history) through it, with the same step boundaries as the first time."""
         deadline = time.monotonic() + self.recovery_timeout
         while True:
             try:
@@ -93,8 +98,9 @@ class FailoverChain:
                     raise
                 await trio.sleep(ROUTE_RETRY_INTERVAL)  # wait for a replica or a joining peer
         self.session = session
-        for hidden, mask in self.history[:-1]:
-            await session.step(hidden, mask)
+        replay = self.history[:-pending]
+        if replay:
+            await session.step_many(replay)
 
     async def _drop_session(self, exc: InferenceError) -> None:
         if exc.unreachable and exc.peer_id and self.has_moved is not None and await self.has_moved(exc.peer_id):

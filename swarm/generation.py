@@ -86,6 +86,33 @@ def max_new_tokens_of(config: GenerationConfig, prompt_length: int) -> int:
     return max(0, config.max_length - prompt_length)
 
 
+# Prompts of at least 2 x MIN_PREFILL_CHUNK tokens travel in chunks (at most MAX_PREFILL_CHUNKS):
+# peer k computes chunk i while chunk i+1 is on the wire to it and chunk i-1 is at peer k+1.
+MIN_PREFILL_CHUNK = 64
+MAX_PREFILL_CHUNKS = 8
+
+
+def prefill_chunk_sizes(tokens: int) -> list[int]:
+    """Near-equal chunks: enough of them to keep every peer of a route busy at once, few enough
+    that each still amortises a step's fixed costs (a frame, a scheduling round, a kernel launch)."""
+    count = max(1, min(MAX_PREFILL_CHUNKS, tokens // MIN_PREFILL_CHUNK))
+    base, extra = divmod(tokens, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One step of new tokens through the chain; a long prompt goes through in pipelined chunks
+    (only the last chunk's output is needed: logits come from the last position)."""
+    sizes = prefill_chunk_sizes(hidden.shape[1])
+    if len(sizes) == 1 or not hasattr(chain, "step_many"):
+        return await chain.step(hidden, mask)
+    items, start = [], 0
+    for size in sizes:
+        items.append((hidden[:, start:start + size], mask[:, start:start + size]))
+        start += size
+    return (await chain.step_many(items))[-1]
+
+
 async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None, config: GenerationConfig,
                         streamer=None) -> torch.Tensor:
@@ -107,7 +134,7 @@ async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: tor
     seen_mask = attention_mask  # every token so far: learned absolute positions come from it
     for _ in range(max_new_tokens_of(config, input_ids.shape[1])):
         positions = positions_from_mask(seen_mask)[:, -step_ids.shape[1]:] if head.needs_positions else None
-        hidden = await chain.step(head.embed(step_ids, positions), step_mask)
+        hidden = await run_step(chain, head.embed(step_ids, positions), step_mask)
         with torch.inference_mode():
             logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
             scores = processors(input_ids, logits)

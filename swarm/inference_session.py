@@ -232,6 +232,34 @@ class RemoteSession:
         except trio.TooSlowError:
             raise InferenceError(f"step {step} got no answer within {self.step_timeout} s") from None
 
+    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Consecutive steps, in push mode sent back to back without waiting: while a peer computes
+        chunk i, chunk i+1 is already on its way, and its output travels on while it computes i+1.
+        Each peer serves a session's steps in order, so the answers come back in order."""
+        if self.relay or len(items) == 1:
+            return [await self.step(hidden, mask) for hidden, mask in items]
+        if self._closing.is_set() or self._failure is not None:
+            raise InferenceError(f"session is closed ({self._failure})")
+        sent: list[tuple[int, int]] = []
+        try:
+            for hidden, mask in items:
+                self._step += 1
+                body = {"step": self._step, "hidden": encode_tensor(hidden, codec=WIRE_CODEC),
+                        "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": False}
+                try:
+                    await self.streams[0].send(Frame(p.STEP, self._step, body))
+                except STREAM_ERRORS as exc:
+                    raise InferenceError(f"peer {self.route[0].peer_id} failed: {exc}", self.route[0].peer_id) from exc
+                sent.append((self._step, hidden.shape[1]))
+            last = len(self.streams) - 1
+            outputs = []
+            for step, new_tokens in sent:
+                reply = await self._expect(last, p.RESULT, self.step_timeout, step)
+                outputs.append(self._checked_hidden(reply, last, new_tokens))
+            return outputs
+        except trio.TooSlowError:
+            raise InferenceError(f"steps {sent[0][0]}..{sent[-1][0]} got no answer within {self.step_timeout} s") from None
+
     async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,
                              mask: dict, relay: bool) -> torch.Tensor:
         body = {"step": step, "hidden": encode_tensor(hidden, codec=WIRE_CODEC), "mask": mask, "relay": relay}

@@ -186,6 +186,17 @@ def test_direct_channels_and_libp2p_streams_give_the_same_tokens(tiny_llama, swa
     assert len(transports) == 6 and "DirectChannel" not in transports[3:]
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch):
+    """A 300-token prompt goes through the route as 4 chunks sent back to back (peers compute one
+    while the next is on the wire); the second row is left-padded past the whole first chunk."""
+    model = client(False)
+    ids, mask = prompts(batch, length=300, pad=90, seed=8)
+    assert_same_generation(model, reference, ids, mask, max_new_tokens=8, min_new=8, do_sample=False)
+    prefill = [hidden.shape[1] for hidden, _ in model.last_chain.history[:4]]
+    assert prefill == [75, 75, 75, 75] and model.last_chain.history[4][0].shape[1] == 1
+
+
 # ---------------------------------------------------------------------------- 2. the real model
 
 
