@@ -107,6 +107,9 @@ def _add_join(sub) -> None:
                    help="TCP port for direct data channels (default: any free port; see README)")
     p.add_argument("--no-direct", action="store_true",
                    help="serve sessions over libp2p streams only (no direct data channel port)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://<listen IP>:PORT/metrics (0: any free port; "
+                        "default: off)")
     p.set_defaults(func=run_join)
 
 
@@ -146,7 +149,10 @@ def run_join(args) -> int:
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
         max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,
         batching=_batching(args),
-        direct_port=None if args.no_direct else args.direct_port, **auto)
+        direct_port=None if args.no_direct else args.direct_port, metrics_port=args.metrics_port, **auto)
+    from molink.peer.faults import FAULTS_ENV, Faults
+
+    Faults.parse(os.environ.get(FAULTS_ENV, ""))  # a typo in a test's fault spec fails here, not mid-serve
     server = PeerServer.load(config)
     trio.run(server.serve)
     return 0

@@ -75,6 +75,7 @@ class PeerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig.from_env)  # scheduler.py
     direct_port: int | None = 0  # direct data channels (dht/direct.py): 0 = any free port, None = off
     probe_interval: float = field(default_factory=probe_interval_from_env)  # neighbours.py: next-hop RTTs (0: off)
+    metrics_port: int | None = None  # Prometheus /metrics on the listen IP (metrics.py); None: off
 
 
 def measure_throughput(span: SpanModel, steps: int = 24) -> float:
@@ -157,6 +158,11 @@ class PeerServer:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(handler.run_scheduler)
                     await self._start_direct_channels(host, data_handlers, nursery)
+                    if self.config.metrics_port is not None:
+                        from molink.peer.metrics import serve_metrics
+
+                        await nursery.start(serve_metrics, self, tcp_ip_of(self.config.listen) or "127.0.0.1",
+                                            self.config.metrics_port)
                     await nursery.start(partial(dht.run_announcer, self.record, ANNOUNCE_INTERVAL, ttl=RECORD_TTL))
                     if self.config.probe_interval > 0:
                         self.neighbours = NeighbourProber(

@@ -34,6 +34,19 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
+# The browser test of the web pages drives Debian's chromium through its chromedriver (never a
+# downloaded browser); without them that one test is skipped, so a non-root user is only told.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium and chromium-driver (for the web page test)"
+    { apt-get update -qq >/dev/null \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || say "could not install chromium; the browser test will be skipped"
+  else
+    say "chromium/chromedriver missing: the browser test will be skipped (apt-get install chromium chromium-driver)"
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 

@@ -1,4 +1,4 @@
-"""`molink-swarm`: use a swarm — the local demo, generation, and a status table."""
+"""`molink-swarm`: use a swarm — the local demo, generation, a status table, and the HTTP endpoint."""
 
 from __future__ import annotations
 
@@ -32,7 +32,41 @@ def _add_demo(sub) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--spans", type=int, default=3, help="number of peers/spans (default 3)")
     p.add_argument("--in-process", action="store_true", help="run the spans in this process (no network)")
+    p.add_argument("--serve", action="store_true",
+                   help="instead of one prompt, serve the swarm over HTTP (OpenAI API, chat page, swarm map) "
+                        "until Ctrl-C")
+    _add_server_args(p)
     p.set_defaults(func=run_demo)
+
+
+def _add_server_args(p) -> None:
+    from molink.swarm.api.limits import Limits
+
+    d = Limits()
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"cap on max_tokens (default {d.max_tokens})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help=f"longest prompt accepted, in tokens (default {d.max_prompt_tokens})")
+    p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                   help=f"generations at once; more are answered 429 (default {d.max_concurrent})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help=f"seconds a request may take; past it 504 (default {d.request_timeout:.0f})")
+
+
+def _add_serve_api(sub) -> None:
+    p = sub.add_parser("serve-api", help="serve a swarm over HTTP: OpenAI-compatible API, web chat, swarm map",
+                       description="Connect to a swarm and serve it over HTTP: GET /v1/models, POST "
+                                   "/v1/completions and /v1/chat/completions (stream: true as server-sent "
+                                   "events), a chat page at / and a live swarm map at /swarm (JSON at "
+                                   "/api/swarm). Runs until Ctrl-C.")
+    p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--model-name", default=None,
+                   help="the model's name in the DHT key and the API (default: the model folder's name)")
+    p.add_argument("--relay", action="store_true", help="client-relayed routing instead of peer-to-peer push")
+    _add_server_args(p)
+    p.set_defaults(func=run_serve_api)
 
 
 def _add_generate(sub) -> None:
@@ -122,7 +156,10 @@ def run_demo(args) -> int:
     spans = even_boundaries(load_config(model_dir).num_hidden_layers, args.spans)
     if args.in_process:
         model = LocalSpansModelForCausalLM.from_pretrained(model_dir, spans)
-        _generate(model, tokenizer, args)
+        if args.serve:  # no swarm: the map will say so, the API still answers
+            _serve(model, tokenizer, _api_model_id(model_dir, None), args)
+        else:
+            _generate(model, tokenizer, args)
         return 0
     from molink.swarm.distributed import DistributedModelForCausalLM
     from molink.swarm.local_swarm import LocalSwarm
@@ -133,8 +170,46 @@ def run_demo(args) -> int:
         for peer in swarm.peers:
             _err(f"  {peer.name} (pid {peer.pid}) serves blocks [{peer.blocks[0]}:{peer.blocks[1]}) at {peer.address}")
         with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, relay=args.relay) as model:
-            _generate(model, tokenizer, args)
+            if args.serve:
+                _err(f"bootstrap: {swarm.initial_peers[0]}")
+                _serve(model, tokenizer, _api_model_id(model_dir, None), args)
+            else:
+                _generate(model, tokenizer, args)
         _err("stopping the swarm ...")
+    return 0
+
+
+def _api_model_id(model_dir, model_name: str | None) -> str:
+    from molink.peer.model_key import model_name_of
+
+    return model_name or model_name_of(model_dir)
+
+
+def _serve(model, tokenizer, model_id: str, args) -> None:
+    from molink.swarm.api import ApiServer, Limits
+
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                    max_concurrent=args.max_concurrent, request_timeout=args.request_timeout)
+    server = ApiServer(model, tokenizer, model_id, args.host, args.port, limits)
+
+    def ready(url: str) -> None:
+        _err(f"serving {model_id} at {url}\n  chat:      {url}/\n  swarm map: {url}/swarm\n"
+             f"  OpenAI:    {url}/v1  (model id {model_id!r})\nCtrl-C stops.")
+
+    server.run_until_interrupted(ready)
+    _err("API server stopped")
+
+
+def run_serve_api(args) -> int:
+    from transformers import AutoTokenizer
+
+    from molink.swarm.distributed import DistributedModelForCausalLM
+
+    model_dir = _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with DistributedModelForCausalLM.from_pretrained(model_dir, args.initial_peers, relay=args.relay,
+                                                     model_name=args.model_name) as model:
+        _serve(model, tokenizer, _api_model_id(model_dir, args.model_name), args)
     return 0
 
 
@@ -162,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_generate(sub)
     _add_status(sub)
+    _add_serve_api(sub)
     return parser
 
 
