@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,7 +123,9 @@ class StepScheduler:
         self.stats = SchedulerStats()
         self._queue: list[PendingStep] = []  # arrival order
         self._arrival = trio.Event()
-        self._last_decode: dict[int, float] = {}  # id(SpanSession) -> when it last sent a decode step
+        # id(SpanSession) -> (when it last sent a decode step, the session): a closed session
+        # (its cache freed by the registry) or a collected one is not waited for
+        self._last_decode: dict[int, tuple[float, weakref.ref]] = {}
         self._running = False
         self._closed = False
 
@@ -134,7 +137,7 @@ class StepScheduler:
             raise RuntimeError("the peer is stopping")
         item = PendingStep(span, work)
         if item.is_decode:
-            self._last_decode[id(work.session)] = item.arrived
+            self._last_decode[id(work.session)] = (item.arrived, weakref.ref(work.session))
         self._queue.append(item)
         self._arrival.set()
         try:
@@ -192,7 +195,8 @@ class StepScheduler:
 
     def _missing_decodes(self) -> int:
         now = time.monotonic()
-        for key in [k for k, t in self._last_decode.items() if now - t > ACTIVE_HORIZON]:
+        for key in [k for k, (t, ref) in self._last_decode.items()
+                    if now - t > ACTIVE_HORIZON or ref() is None or ref().cache is None]:
             del self._last_decode[key]
         queued = {id(item.work.session) for item in self._queue if item.is_decode}
         return len(self._last_decode.keys() - queued)
