@@ -60,6 +60,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self._records: list[SpanRecord] = []
         self._unreachable: dict[str, int] = {}  # peer id -> seq of the record that could not be dialled
         self._records_at = -float("inf")
+        self._refreshing: trio.Event | None = None
         self._shutdown: trio.Event | None = None
         self._loop = BackgroundLoop()
         try:
@@ -157,8 +158,16 @@ class DistributedModelForCausalLM(SwarmModelBase):
         return session
 
     async def _refresh_records(self) -> None:
-        self._records = await self.dht.find_spans(self.model_key)
-        self._records_at = time.monotonic()
+        if self._refreshing is not None:  # one lookup at a time: 64 sessions opening at once share it
+            await self._refreshing.wait()
+            return
+        self._refreshing = trio.Event()
+        try:
+            self._records = await self.dht.find_spans(self.model_key)
+            self._records_at = time.monotonic()
+        finally:
+            self._refreshing.set()
+            self._refreshing = None
 
     async def _keep_records_fresh(self) -> None:
         while True:
