@@ -104,7 +104,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
         async def open_session(banned: set[str]) -> RemoteSession:
             return await self.open_session(batch_size, max_length, banned)
 
-        self.last_chain = FailoverChain(open_session, self.bans, self.recovery_timeout, has_moved=self._has_moved)
+        self.last_chain = FailoverChain(open_session, self.bans, self.recovery_timeout, has_moved=self._has_moved,
+                                        pipelined=not self.relay)
         return self.last_chain
 
     @property

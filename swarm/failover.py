@@ -35,7 +35,8 @@ HasMoved = Callable[[str], Awaitable[bool]]
 
 class FailoverChain:
     def __init__(self, open_session: OpenSession, bans: BanList,
-                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, has_moved: HasMoved | None = None):
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, has_moved: HasMoved | None = None,
+                 pipelined: bool = True):
         self.open_session = open_session
         self.has_moved = has_moved  # a peer restarted on a new address is not to be banned
         self.bans = bans
@@ -43,6 +44,9 @@ class FailoverChain:
         self.session: RemoteSession | None = None
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.recoveries: list[dict] = []  # what failed, and how long recovery took
+        # steps sent back to back travel pipelined (push mode); client-relayed steps would only
+        # add round trips, so the generation loop sends a prompt whole then
+        self.pipelined = pipelined
 
     async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         return (await self.step_many([(hidden_states, new_mask)]))[0]

@@ -104,7 +104,7 @@ async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -
     """One step of new tokens through the chain; a long prompt goes through in pipelined chunks
     (only the last chunk's output is needed: logits come from the last position)."""
     sizes = prefill_chunk_sizes(hidden.shape[1])
-    if len(sizes) == 1 or not hasattr(chain, "step_many"):
+    if len(sizes) == 1 or not getattr(chain, "pipelined", False):
         return await chain.step(hidden, mask)
     items, start = [], 0
     for size in sizes:
