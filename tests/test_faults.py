@@ -3,6 +3,8 @@ when on, and it really does what it says — so the tests that rely on it prove 
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 import trio
@@ -52,7 +54,7 @@ def test_faulty_peers_over_real_processes(tiny_llama):
             lied = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         assert not torch.equal(lied, expected)
         assert "FAULT INJECTION ON" in liar.log_file.read_text()
-        swarm.kill(liar)
+        swarm.kill(liar, signal.SIGTERM)  # withdraws: the next client does not even try it
 
         dropper = swarm.add_peer((3, 6), name="dropper", extra_env={"MOLINK_FAULTS": "drop=1"})
         honest = swarm.add_peer((3, 6), name="honest")
@@ -61,6 +63,6 @@ def test_faulty_peers_over_real_processes(tiny_llama):
             got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
             recoveries = model.last_recoveries
         assert torch.equal(got, expected)
-        assert recoveries and recoveries[0]["peer_id"] == peer_id_of(dropper)
+        assert peer_id_of(dropper) in {r["peer_id"] for r in recoveries}, recoveries
         [info] = trio.run(peer_infos, [dropper.address])
         assert info["faults"]["dropped_steps"] >= 1
