@@ -33,7 +33,7 @@ def hidden_states(tokens: int) -> dict[str, torch.Tensor]:
 
     model_dir = convert_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train(False)
     ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :tokens]
     with torch.inference_mode():
         out = model(ids, output_hidden_states=True)

@@ -194,7 +194,7 @@ class Setup:
 def transformers_setup(model_dir: Path) -> Setup:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train(False)
     model.generation_config.eos_token_id = None  # always make every token asked for
     pad = model.generation_config.pad_token_id
     pad = 0 if pad is None else pad

@@ -85,7 +85,7 @@ def bench_decode(name: str, model_dir: Path, steps: int, repeats: int) -> dict:
 
     from molink.swarm.model import LocalSpansModelForCausalLM
 
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train(False)
     spans = LocalSpansModelForCausalLM.from_pretrained(model_dir, 3, progress=False)
     prompt = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
     time_full_model(full, prompt, 4), time_spans(spans, prompt, 4)  # warm up

@@ -123,7 +123,7 @@ class Reference:
     def __init__(self, model_dir: Path):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train(False)
         self.lock = threading.Lock()
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
