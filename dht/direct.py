@@ -18,6 +18,7 @@ about the direct path fails (the peer does not offer it, the port is unreachable
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -63,6 +64,7 @@ MAX_TICKETS_PER_PEER = 64
 HANDSHAKE_TIMEOUT = 3.0  # from TCP accept to a verified hello: slowloris sockets are dropped
 MAX_HANDSHAKING = 64
 CONNECT_TIMEOUT = 3.0
+SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 DRAIN_ON_CLOSE = 0.05  # read the peer's goodbye before closing, so the close is a FIN, not an RST
 
 
@@ -156,21 +158,21 @@ class DirectChannel:
     async def write(self, data: bytes) -> None:
         try:
             await self.socket.send_all(self.seal(data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except SOCKET_ERRORS as exc:
             raise DirectChannelError(f"send failed: {exc}") from exc
 
     async def close(self) -> None:
         """Half-close (our FIN); reading goes on until the peer closes too."""
         try:
             await self.socket.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except SOCKET_ERRORS:
             pass
 
     async def reset(self) -> None:
         """Abort with a TCP RST."""
         if self.is_closed:
             return
-        with _suppress_socket_errors():
+        with contextlib.suppress(*SOCKET_ERRORS):
             self.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await self.aclose_socket(drain=False)
 
@@ -181,19 +183,11 @@ class DirectChannel:
         self.is_closed = True
         with trio.CancelScope(shield=True):
             if drain and not self._eof:
-                with trio.move_on_after(DRAIN_ON_CLOSE), _suppress_socket_errors():
+                with trio.move_on_after(DRAIN_ON_CLOSE), contextlib.suppress(*SOCKET_ERRORS):
                     while await self.socket.receive_some(65536):
                         pass
-            with _suppress_socket_errors():
+            with contextlib.suppress(*SOCKET_ERRORS):
                 await self.socket.aclose()
-
-
-class _suppress_socket_errors:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, (OSError, trio.BrokenResourceError, trio.ClosedResourceError))
 
 
 # -------------------------------------------------------------------- the serving side
@@ -268,7 +262,7 @@ class DirectListener:
                 except (DirectChannelError, trio.BrokenResourceError, OSError) as exc:
                     logger.debug("direct handshake refused: %s", exc)
         if channel is None:
-            with _suppress_socket_errors():
+            with contextlib.suppress(*SOCKET_ERRORS):
                 await sock.aclose()
             return
         try:

@@ -27,15 +27,12 @@ from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
 from molink.peer.faults import Faults
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
-from molink.peer.scheduler import BatchingConfig, StepScheduler
+from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0
-# Work expected to take less than this runs on the event loop itself: a thread hand-off costs
-# ~0.3 ms, more than a small decode step, and a 2 ms pause cannot stall any socket.
-INLINE_COMPUTE_SECONDS = 0.002
 NEXT_HOP_CONNECT_TIMEOUT = 5.0
 WIRE_CODEC = "raw"  # loopback and LAN: zstd saves 8 % of fp32 bytes for more CPU than it saves
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 from libp2p.peer.id import ID
@@ -31,21 +32,29 @@ PROBE_BELOW_COVERAGE = 3  # probe the servers of blocks that fewer than this man
 MAX_PROBES = 16
 
 
-async def ask_info(host, record: SpanRecord, timeout: float = PROBE_TIMEOUT) -> dict | None:
-    """The peer's INFO answer, or None when it does not answer within `timeout`."""
+@dataclass(frozen=True)
+class InfoAnswer:
+    body: dict
+    rtt: float  # seconds for the request alone: the connection is made before the clock starts
+
+
+async def ask_info(host, record: SpanRecord, timeout: float = PROBE_TIMEOUT) -> InfoAnswer | None:
+    """The peer's INFO answer and its round trip, or None when it does not answer within `timeout`."""
     try:
         with trio.fail_after(timeout):
             await connect_peer(host, with_peer_id(record.addrs, record.peer_id), timeout=timeout)
             async with dial_framed(host, ID.from_base58(record.peer_id), p.INFO_PROTOCOL,
                                    open_timeout=timeout) as framed:
+                started = trio.current_time()
                 reply = await framed.request(Frame(p.INFO, 1, {}), timeout=timeout)
-    except (trio.TooSlowError, ValueError, *STREAM_ERRORS) as exc:
+                rtt = trio.current_time() - started
+    except trio.TooSlowError:
+        logger.debug("peer %s did not answer INFO within %.0f s", record.peer_id, timeout)
+        return None
+    except Exception as exc:  # ConnectError, stream errors, a bad peer id: all mean "no answer"
         logger.debug("peer %s did not answer INFO: %s", record.peer_id, exc)
         return None
-    except Exception as exc:  # ConnectError and whatever libp2p raises for a dead address
-        logger.debug("peer %s unreachable: %s", record.peer_id, exc)
-        return None
-    return reply.body if reply.type == p.INFO else None
+    return InfoAnswer(reply.body, rtt) if reply.type == p.INFO else None
 
 
 class LivenessProbe:

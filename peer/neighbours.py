@@ -26,14 +26,10 @@ import random
 from collections.abc import Callable
 
 import trio
-from libp2p.peer.id import ID
 
-from molink.dht.host import connect_peer, with_peer_id
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import MAX_NEXT_RTTS, MAX_RTT, SpanRecord
-from molink.dht.streams import dial_framed
-from molink.dht.wire import Frame
-from molink.peer import protocol as p
+from molink.peer.liveness import ask_info
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +157,11 @@ class NeighbourProber:
 
     async def ping(self, record: SpanRecord) -> float | None:
         """One INFO round trip to the record's peer in seconds, or None when it fails or is slow."""
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                peer_id = ID.from_base58(record.peer_id)
-                await connect_peer(self.host, with_peer_id(record.addrs, record.peer_id), timeout=PROBE_TIMEOUT)
-                async with dial_framed(self.host, peer_id, p.INFO_PROTOCOL, open_timeout=PROBE_TIMEOUT) as framed:
-                    started = trio.current_time()
-                    await framed.request(Frame(p.INFO, framed.next_request_id(), {}), timeout=PROBE_TIMEOUT)
-                    return trio.current_time() - started
-            except Exception as exc:  # unreachable, reset, refused protocol: all mean "no figure"
-                logger.info("next hop %s did not answer a probe: %s", record.peer_id, exc)
-                return None
-        logger.info("next hop %s did not answer a probe within %.0f s", record.peer_id, PROBE_TIMEOUT)
-        return None
+        answer = await ask_info(self.host, record, PROBE_TIMEOUT)
+        if answer is None:
+            logger.info("next hop %s did not answer a probe within %.0f s", record.peer_id, PROBE_TIMEOUT)
+            return None
+        return answer.rtt
 
     async def _announce_now(self, published: dict[str, float]) -> None:
         record = self.record()
