@@ -90,6 +90,7 @@ class DirectChannel:
         self._eof = False
         self.is_closed = False
         self.muxed_conn = None  # FramedStream asks; there is no connection beneath to drop
+        self.remote_peer: str | None = None  # listener side: the peer id its ticket was issued to
 
     # ---------------------------------------------------------------- records
 
@@ -288,6 +289,7 @@ class DirectListener:
         if await channel.read_record() != HELLO:  # proves the dialer holds the secret
             raise DirectChannelError("bad hello")
         del self._tickets[ticket]  # single use, spent only by someone who proved the secret
+        channel.remote_peer = entry.peer if entry.peer != "?" else None  # per-client caps (peer/session_limits.py)
         await channel.write(WELCOME)
         return channel, entry.protocol
 
@@ -326,9 +328,15 @@ async def _request_ticket(host: Any, peer_id: Any, protocol: str, timeout: float
 async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
                               timeout: float = CONNECT_TIMEOUT) -> DirectChannel:
     port, ticket, secret = await _request_ticket(host, peer_id, protocol, timeout)
-    to_listener, to_dialer = _channel_keys(secret, ticket)
     with trio.fail_after(timeout):
         sock = await trio.open_tcp_stream(ip, port)
+    return await dialer_handshake(sock, ticket, secret, timeout)
+
+
+async def dialer_handshake(sock: trio.SocketStream, ticket: bytes, secret: bytes,
+                           timeout: float = CONNECT_TIMEOUT) -> DirectChannel:
+    """Present the ticket and prove the secret on a connected socket (also used by holepunch.py)."""
+    to_listener, to_dialer = _channel_keys(secret, ticket)
     channel = DirectChannel(sock, send_key=to_listener, receive_key=to_dialer)
     try:
         with trio.fail_after(timeout):
@@ -354,6 +362,12 @@ async def open_data_stream(host: Any, peer_id: Any, addrs: Sequence[str], protoc
             if isinstance(exc, StreamOpenTimeout):
                 raise  # the peer does not answer at all: a libp2p stream would not open either
             logger.info("direct channel to %s unavailable (%s); using a libp2p stream", peer_id, exc)
+    elif direct and any("/p2p-circuit" in str(a) for a in addrs):
+        from molink.dht.holepunch import try_punched_channel  # builds on this module
+
+        channel = await try_punched_channel(host, peer_id, protocol, open_timeout)
+        if channel is not None:
+            return channel
     return await open_raw_stream(host, peer_id, protocol, open_timeout=open_timeout)
 
 

@@ -47,6 +47,10 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
+from molink.crypto.swarm_key import SwarmKey
+from molink.dht.atomic_yamux import install_atomic_yamux_writes
+from molink.dht.private_swarm import PrivateSwarmTCP, dial_failure_reason
+
 logger = logging.getLogger(__name__)
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
@@ -137,8 +141,12 @@ def create_host(
     negotiate_timeout: int = 10,
     announce_addrs: Sequence[multiaddr.Multiaddr | str] | None = None,
     auto_connect: bool = False,
+    swarm_key: SwarmKey | None = None,
 ) -> BasicHost:
     """Build (not start) a BasicHost: TCP transport, Noise security, yamux muxer, nothing else.
+
+    With a `swarm_key` every TCP connection must prove that key before Noise starts (a private
+    swarm, see molink.dht.private_swarm); without one the host only talks to keyless hosts.
 
     `listen_addrs` is only validated here; `running_host` binds them. `auto_connect=False`
     turns off libp2p's AutoConnector, which otherwise dials every peer in the peerstore (up to
@@ -152,6 +160,7 @@ def create_host(
     for addr in addrs:
         _check_tcp_listen_addr(addr)
     configure_libp2p_logging()
+    install_atomic_yamux_writes()  # a write cancelled half-way kills a Noise connection (atomic_yamux.py)
 
     security = {
         # A fresh X25519 static key per host is what new_host() does too; the peer's identity
@@ -165,7 +174,7 @@ def create_host(
         sec_opt=security,
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         # An explicit transport list disables auto-detection from addresses (no QUIC/ws).
-        transports=[TCP()],
+        transports=[PrivateSwarmTCP(swarm_key) if swarm_key is not None else TCP()],
         listen_addrs=addrs,
         connection_config=connection_config or ConnectionConfig(max_connections_per_peer=1),
         # Default is 3 retries (0.1+0.2+0.4 s of sleeps); the caller's failover is faster.
@@ -399,12 +408,19 @@ async def connect_peer(
         forget_peer_addrs(host, peer_id)
         try:
             with trio.fail_after(timeout):
-                await host.connect(PeerInfo(peer_id, info.addrs))
+                if "/p2p-circuit" in str(info.addrs[0]):
+                    # libp2p's swarm cannot dial circuits (DESIGN.md §3): our relay does (dht/relay.py).
+                    from molink.dht.relay import dial_relayed
+
+                    await dial_relayed(host, f"{info.addrs[0]}/p2p/{peer_id}", timeout)
+                else:
+                    await host.connect(PeerInfo(peer_id, info.addrs))
             return peer_id
         except trio.TooSlowError:
             errors.append(f"{info.addrs[0]}: timed out after {timeout} s")
         except Exception as exc:  # libp2p raises SwarmException and friends, untyped per cause
-            errors.append(f"{info.addrs[0]}: {type(exc).__name__}: {exc}")
+            reason = dial_failure_reason(exc)  # a private swarm's refusal says why
+            errors.append(f"{info.addrs[0]}: {reason or f'{type(exc).__name__}: {exc}'}")
     # Leave no block behind: the caller may learn a fresh address any moment.
     host.get_network().unblock_peer(peer_id)
     raise ConnectError(f"could not connect to {peer_id}: " + "; ".join(errors))

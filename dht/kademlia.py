@@ -43,6 +43,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from molink.crypto.identity import Identity
+from molink.dht.dht_limits import DHTLimits, KadRequestGuard
 from molink.dht.records import (
     DEFAULT_TTL,
     RecordError,
@@ -130,13 +131,17 @@ class SwarmDHT:
     """One node's view of the span-record DHT. Use `async with dht.running():` around its life."""
 
     def __init__(self, host: IHost, identity: Identity | None = None, *,
-                 mode: DHTMode = DHTMode.SERVER) -> None:
+                 mode: DHTMode = DHTMode.SERVER, limits: DHTLimits | None = None) -> None:
         self.host = host
         self.identity = identity
         # strict: keys outside registered namespaces are refused, so nobody can use our
         # servers as free storage under plain keys (libp2p's default accepts anything).
         self.dht = KadDHT(host, mode, strict_validation=True)
         self.dht.register_validator(NAMESPACE, SpanRecordValidator())
+        # rate limits and record quotas in front of libp2p's KAD server (dht_limits.py)
+        self.guard = KadRequestGuard(self.dht, limits) if mode == DHTMode.SERVER else None
+        if self.guard is not None:
+            self.guard.install()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["SwarmDHT"]:

@@ -52,6 +52,7 @@ PEER_ID_MAX_CHARS = 64
 MAX_NEXT_RTTS = 16  # peers a record may report round trips to (its successors in the model)
 MAX_RTT = 60.0  # seconds; anything slower is a broken path, not a delay worth routing around
 MAX_SESSIONS = 1 << 20
+REACHABILITY_VALUES = ("public", "private", "unknown")
 
 _MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_CHARS}}}$")
 _VERSION_RE = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_VERSION_CHARS)
@@ -134,6 +135,7 @@ class SpanRecord:
     expires_at: float
     sessions: int = 0
     next_rtts: tuple[tuple[str, float], ...] = ()
+    reachability: str = "unknown"  # dht/reachability.py: public | private (announces relayed addrs) | unknown
 
     def __post_init__(self) -> None:
         # Callers may pass a list; keep the frozen record immutable (and comparable) throughout.
@@ -167,6 +169,7 @@ class SpanRecord:
         now: float | None = None,
         sessions: int = 0,
         next_rtts: dict[str, float] | None = None,
+        reachability: str = "unknown",
     ) -> "SpanRecord":
         now = time.time() if now is None else now
         record = cls(
@@ -183,6 +186,7 @@ class SpanRecord:
             expires_at=now + ttl,
             sessions=sessions,
             next_rtts=tuple((next_rtts or {}).items()),
+            reachability=reachability,
         )
         record.check_fields()
         return record
@@ -222,9 +226,12 @@ class SpanRecord:
     @classmethod
     def from_dict(cls, d: Any) -> "SpanRecord":
         """Build from decoded msgpack, checking the exact field set, types and bounds."""
-        if not isinstance(d, dict) or set(d) != _FIELD_NAMES:
+        # Records signed before `reachability` existed lack it (it then reads "unknown").
+        if not isinstance(d, dict) or set(d) not in (_FIELD_NAMES, _FIELD_NAMES - {"reachability"}):
             raise MalformedRecord("record must be a map with exactly the span record fields")
         for name, types in _FIELD_TYPES.items():
+            if name not in d:
+                continue
             # bool is an int subclass; a True where a count belongs is a malformed record
             if not isinstance(d[name], types) or isinstance(d[name], bool):
                 raise MalformedRecord(f"field {name!r} has type {type(d[name]).__name__}")
@@ -276,6 +283,8 @@ class SpanRecord:
                 raise MalformedRecord("next_rtts keys must be other peers' base58 ids")
             if not (isinstance(rtt, float) and math.isfinite(rtt) and 0.0 < rtt < MAX_RTT):
                 raise MalformedRecord(f"next_rtts values must be seconds in (0, {MAX_RTT:.0f})")
+        if self.reachability not in REACHABILITY_VALUES:
+            raise MalformedRecord(f"reachability must be one of {REACHABILITY_VALUES}")
         if not _VERSION_RE.match(self.version):
             raise MalformedRecord("version must be 1-64 printable ASCII characters")
         if not 0 <= self.seq <= MAX_SEQ:
@@ -303,7 +312,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(SpanRecord))
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_key": str, "peer_id": str, "public_key": bytes, "start": int, "end": int,
     "addrs": list, "throughput": float, "free_cache_tokens": int, "version": str, "seq": int,
-    "expires_at": float, "sessions": int, "next_rtts": dict,
+    "expires_at": float, "sessions": int, "next_rtts": dict, "reachability": str,
 }
 
 

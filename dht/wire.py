@@ -7,6 +7,10 @@ before the payload is read, msgpack container sizes by the unpacker, dtypes agai
 and a tensor's decoded size (shape x dtype) against `max_tensor_bytes` *before* any decompression,
 so a zstd bomb never gets the chance to allocate. No pickle, no torch.load: tensors are raw bytes
 reinterpreted with `torch.frombuffer`.
+
+Codecs: "raw" and "zstd" are lossless; "q8" (opt-in, lossy, floating-point tensors only) carries
+int8 values plus one float32 scale per block of values (molink.dht.quantization) in two extra
+keys, "block" and "scales", and decodes to the tensor's original dtype.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import msgpack
 import torch
 import zstandard
 
+from molink.dht.quantization import Q8_BLOCK, Q8_MAX_ABS, block_count, dequantize_blockwise, quantize_blockwise
+
 LENGTH_PREFIX = struct.Struct(">I")
 LENGTH_PREFIX_BYTES = LENGTH_PREFIX.size
 
 # zstd level 1: on SmolLM2 hidden states (scripts/bench_codec.py) higher levels cost 2-5x the time
-# for under 1 % more ratio; fp32 activations are mostly mantissa noise that no level squeezes.
+# for under 1 % more ratio, and the fast negative levels compress nothing (ratio 1.000); fp32
+# activations are mostly mantissa noise that no level squeezes. When to compress at all: codec_policy.
 DEFAULT_ZSTD_LEVEL = 1
 
-CODECS = ("raw", "zstd")
+CODECS = ("raw", "zstd")  # lossless: what the round trip tests hold to bit-exactness
+Q8 = "q8"  # lossy 8-bit blockwise quantization, opt-in (see molink.dht.codec_policy)
+ALL_CODECS = (*CODECS, Q8)
+Q8_BLOCK_RANGE = (8, 4096)  # block sizes a decoder accepts; the encoder uses Q8_BLOCK
 
 # name on the wire -> (torch dtype, bytes per element)
 ALLOWED_DTYPES: dict[str, torch.dtype] = {
@@ -41,6 +51,9 @@ ALLOWED_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TENSOR_KEYS = frozenset({"dtype", "shape", "codec", "data"})
+Q8_TENSOR_KEYS = TENSOR_KEYS | {"block", "scales"}
 
 
 class WireError(Exception):
@@ -77,6 +90,10 @@ class BadCodec(TensorError):
 
 class CorruptTensorData(TensorError):
     pass
+
+
+class BadQuantizedTensor(CorruptTensorData):
+    """A q8 tensor whose block size, scales or values are inconsistent or out of range."""
 
 
 @dataclass(frozen=True)
@@ -189,12 +206,24 @@ def encode_tensor(
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise DisallowedDtype(f"dtype {tensor.dtype} is not allowed on the wire")
+    if codec == Q8:
+        return _encode_q8(tensor, name)
     data = _raw_bytes(tensor)
     if codec == "zstd":
         data = zstandard.ZstdCompressor(level=level).compress(data)
     elif codec != "raw":
-        raise BadCodec(f"unknown codec {codec!r}; known: {CODECS}")
+        raise BadCodec(f"unknown codec {codec!r}; known: {ALL_CODECS}")
     return {"dtype": name, "shape": list(tensor.shape), "codec": codec, "data": data}
+
+
+def _encode_q8(tensor: torch.Tensor, name: str) -> dict[str, Any]:
+    if tensor.dtype not in QUANTIZABLE_DTYPES:
+        raise BadCodec(f"q8 quantizes floating-point tensors only, not {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadCodec("q8 cannot carry NaN or inf: send such a tensor raw")
+    values, scales = quantize_blockwise(tensor, Q8_BLOCK)
+    return {"dtype": name, "shape": list(tensor.shape), "codec": Q8, "block": Q8_BLOCK,
+            "scales": _raw_bytes(scales), "data": _raw_bytes(values)}
 
 
 def _checked_shape(shape: Any, limits: WireLimits) -> tuple[int, ...]:
@@ -223,8 +252,8 @@ def _decompress_bounded(data: bytes, expected: int) -> bytes:
 
 
 def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "codec", "data"}:
-        raise TensorError("tensor must be a map with keys dtype, shape, codec, data")
+    if not isinstance(obj, dict) or set(obj) != (Q8_TENSOR_KEYS if obj.get("codec") == Q8 else TENSOR_KEYS):
+        raise TensorError("tensor must be a map with keys dtype, shape, codec, data (q8: also block, scales)")
     dtype = ALLOWED_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
     if dtype is None:
         raise DisallowedDtype(f"dtype {obj['dtype']!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
@@ -235,10 +264,12 @@ def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor
     data, codec = obj["data"], obj["codec"]
     if not isinstance(data, bytes):
         raise TensorError("tensor data must be bytes")
+    if codec == Q8:
+        return _decode_q8(obj, dtype, shape)
     if codec == "zstd":
         data = _decompress_bounded(data, nbytes)
     elif codec != "raw":
-        raise BadCodec(f"unknown codec {codec!r}; known: {CODECS}")
+        raise BadCodec(f"unknown codec {codec!r}; known: {ALL_CODECS}")
     if len(data) != nbytes:
         raise CorruptTensorData(f"tensor data has {len(data)} bytes, shape x dtype says {nbytes}")
     if nbytes == 0:
@@ -247,3 +278,32 @@ def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor
     if dtype is torch.bool and bool((flat.view(torch.uint8) > 1).any()):
         raise CorruptTensorData("bool tensor holds bytes other than 0 and 1")
     return flat.reshape(shape)
+
+
+def _decode_q8(obj: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A q8 tensor, every field checked before anything is allocated from it. The caller has
+    checked the decoded size (shape x dtype) against the limit; the float32 working copy is at
+    most 2x that (fp16/bf16) plus one block."""
+    if dtype not in QUANTIZABLE_DTYPES:
+        raise BadCodec(f"q8 carries floating-point tensors only, not {dtype}")
+    block, data, scale_bytes = obj["block"], obj["data"], obj["scales"]
+    if type(block) is not int or not Q8_BLOCK_RANGE[0] <= block <= Q8_BLOCK_RANGE[1]:
+        raise BadQuantizedTensor(f"q8 block size must be an integer in {list(Q8_BLOCK_RANGE)}")
+    if not isinstance(scale_bytes, bytes):
+        raise BadQuantizedTensor("q8 scales must be bytes")
+    numel = math.prod(shape)
+    if len(data) != numel:
+        raise BadQuantizedTensor(f"q8 data has {len(data)} bytes, shape {list(shape)} needs {numel}")
+    blocks = block_count(numel, block)
+    if len(scale_bytes) != 4 * blocks:
+        raise BadQuantizedTensor(f"q8 scales have {len(scale_bytes)} bytes, {blocks} blocks need {4 * blocks}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    scales = torch.frombuffer(bytearray(scale_bytes), dtype=torch.float32)
+    # scale x 127 above the dtype's max would decode to inf: no encoder of finite values makes that
+    if not bool((torch.isfinite(scales) & (scales >= 0) & (scales * Q8_MAX_ABS <= torch.finfo(dtype).max)).all()):
+        raise BadQuantizedTensor(f"q8 scales must be finite, >= 0 and fit {dtype}")
+    values = torch.frombuffer(bytearray(data), dtype=torch.int8)
+    if bool((values < -Q8_MAX_ABS).any()):
+        raise BadQuantizedTensor(f"q8 values must lie in [-{Q8_MAX_ABS}, {Q8_MAX_ABS}]")
+    return dequantize_blockwise(values, scales, block).to(dtype).reshape(shape)

@@ -30,6 +30,41 @@ def run_identity(args) -> int:
     return 0
 
 
+def _add_make_swarm_key(sub) -> None:
+    p = sub.add_parser("make-swarm-key", help="create a key for a private swarm",
+                       description="Write a new random swarm key to FILE (mode 0600; an existing file is never "
+                                   "replaced). Give the same file to every member with --swarm-key FILE: peers, "
+                                   "bootstrap nodes and clients without it can neither connect nor read records.")
+    p.add_argument("file", metavar="FILE", help="where to write the key")
+    p.set_defaults(func=run_make_swarm_key)
+
+
+def run_make_swarm_key(args) -> int:
+    from molink.crypto.swarm_key import SwarmKey, SwarmKeyError, write_swarm_key
+
+    key = SwarmKey.generate()
+    try:
+        write_swarm_key(key, args.file)
+    except (SwarmKeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"swarm key written to {args.file} (fingerprint {key.fingerprint}); give every member a copy")
+    return 0
+
+
+def add_swarm_key_arg(p) -> None:
+    """`--swarm-key FILE`, on every command that talks to a swarm (molink-swarm uses it too)."""
+    p.add_argument("--swarm-key", default=None, metavar="FILE",
+                   help="private swarm: connect only to nodes holding this key file "
+                        "(made by `molink-peer make-swarm-key`; default: a public swarm)")
+
+
+def swarm_key_of(args):
+    from molink.crypto.swarm_key import load_swarm_key
+
+    return load_swarm_key(args.swarm_key) if getattr(args, "swarm_key", None) else None
+
+
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +92,10 @@ def _add_common(p) -> None:
                    help="identity key file, created on first use (default: a new identity each run)")
     p.add_argument("--ready-file", default=None, metavar="FILE",
                    help="write the full multiaddr (with /p2p/<id>) here, atomically, once serving")
+    add_swarm_key_arg(p)
+    from molink.dht.nat import add_nat_arguments
+
+    add_nat_arguments(p)
 
 
 def _add_bootstrap(sub) -> None:
@@ -92,6 +131,7 @@ def _add_join(sub) -> None:
                    help="KV-cache budget in tokens (default: what --max-cache-mb holds)")
     p.add_argument("--max-cache-mb", type=int, default=1024, help="KV-cache memory budget (default 1024 MB)")
     p.add_argument("--session-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
+    _add_session_limits(p)
     p.add_argument("--model-name", default=None, help="name in the DHT key (default: the model folder's name)")
     p.add_argument("--no-batching", action="store_true",
                    help="run every session's step on its own (no continuous batching, no decode-first "
@@ -113,6 +153,33 @@ def _add_join(sub) -> None:
     p.set_defaults(func=run_join)
 
 
+def _add_session_limits(p) -> None:
+    from molink.peer.session_limits import SessionLimits
+
+    d = SessionLimits()
+    p.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions, metavar="N",
+                   help=f"sessions open at once on this peer (default {d.max_sessions})")
+    p.add_argument("--max-sessions-per-client", type=_positive_int, default=d.max_sessions_per_client, metavar="N",
+                   help=f"sessions one client peer id may hold here (default {d.max_sessions_per_client})")
+    p.add_argument("--max-session-tokens", type=_positive_int, default=None, metavar="N",
+                   help="KV-cache tokens (batch x max length) one session may reserve (default: the whole budget)")
+    p.add_argument("--max-session-time", type=float, default=d.max_session_seconds, metavar="S",
+                   help=f"close sessions this many seconds after they opened (default {d.max_session_seconds:.0f})")
+
+
+def _session_limits(args):
+    from molink.peer.session_limits import SessionLimits
+
+    return SessionLimits(max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
+                         max_session_tokens=args.max_session_tokens, max_session_seconds=args.max_session_time)
+
+
+def _nat(args, default_mode: str):
+    from molink.dht.nat import nat_config_from_args
+
+    return nat_config_from_args(args, default_mode)
+
+
 def _identity(args):
     from molink.crypto.identity import load_or_create_identity
 
@@ -125,7 +192,7 @@ def run_bootstrap(args) -> int:
     from molink.peer.server import run_bootstrap_node
 
     trio.run(run_bootstrap_node, _identity(args), args.listen or ["/ip4/127.0.0.1/tcp/0"], args.ready_file,
-             args.initial_peers)
+             args.initial_peers, swarm_key_of(args), _nat(args, "public"))
     return 0
 
 
@@ -149,7 +216,8 @@ def run_join(args) -> int:
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
         max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,
         batching=_batching(args),
-        direct_port=None if args.no_direct else args.direct_port, metrics_port=args.metrics_port, **auto)
+        direct_port=None if args.no_direct else args.direct_port, metrics_port=args.metrics_port,
+        swarm_key=swarm_key_of(args), session_limits=_session_limits(args), nat=_nat(args, "auto"), **auto)
     from molink.peer.faults import FAULTS_ENV, Faults
 
     Faults.parse(os.environ.get(FAULTS_ENV, ""))  # a typo in a test's fault spec fails here, not mid-serve
@@ -172,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bootstrap(sub)
     _add_join(sub)
     _add_identity(sub)
+    _add_make_swarm_key(sub)
     return parser
 
 
@@ -184,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Exception as exc:  # a volunteer needs the reason, not a traceback
         from molink.crypto.identity import IdentityFileError
+        from molink.crypto.swarm_key import SwarmKeyError
         from molink.peer.checkpoint import CheckpointError
         from molink.peer.families import UnsupportedArchitecture
 
-        if isinstance(exc, (IdentityFileError, CheckpointError, UnsupportedArchitecture, ValueError)):
+        if isinstance(exc, (IdentityFileError, SwarmKeyError, CheckpointError, UnsupportedArchitecture, ValueError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

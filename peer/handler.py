@@ -22,11 +22,13 @@ from libp2p.peer.id import ID
 from molink.dht.direct import dial_framed_direct
 from molink.dht.host import ConnectError, connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
-from molink.dht.wire import Frame, encode_tensor
+from molink.dht.codec_policy import encode_hidden_async
+from molink.dht.wire import Frame
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
 from molink.peer.faults import Faults
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
+from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
 
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0
 NEXT_HOP_CONNECT_TIMEOUT = 5.0
-WIRE_CODEC = "raw"  # loopback and LAN: zstd saves 8 % of fp32 bytes for more CPU than it saves
 
 
 @dataclass
@@ -48,7 +49,7 @@ class PeerStats:
 class InferenceHandler:
     def __init__(self, span: SpanModel, model_key: str, registry: SessionRegistry, host,
                  idle_timeout: float = 300.0, throughput: float = 0.0, batching: BatchingConfig | None = None,
-                 faults: Faults | None = None):
+                 faults: Faults | None = None, limits: SessionLimits | None = None):
         self.span = span
         self.throughput = throughput  # block-steps per second, measured at start
         self.model_key = model_key
@@ -58,6 +59,8 @@ class InferenceHandler:
         self.compute_limiter = trio.CapacityLimiter(1)
         self.stats = PeerStats()
         self.leaving = False
+        self.limits = limits or SessionLimits()  # the registry enforces its session caps itself
+        self.open_gate = OpenGate(self.limits)
         self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
@@ -72,15 +75,14 @@ class InferenceHandler:
     # ------------------------------------------------------------------ client sessions
 
     async def handle_inference(self, framed: FramedStream) -> None:
-        try:
-            first = await framed.receive(timeout=OPEN_TIMEOUT)
-        except STREAM_ERRORS:
-            return
-        if first.type != p.OPEN:
-            await self._send_error(framed, first.request_id, p.BAD_REQUEST, f"expected open, got {first.type!r}")
-            return
+        client = client_of(framed)
         async with AsyncExitStack() as stack:
-            session = await self._open_session(framed, first, stack)
+            try:
+                with self.open_gate.opening(client):  # refused at once when too many opens are under way
+                    session = await self._accept_session(framed, stack, client)
+            except LimitExceeded as exc:
+                await self._send_error(framed, 0, exc.code, str(exc), limit=exc.limit)
+                return
             if session is None:
                 return
             try:
@@ -88,7 +90,19 @@ class InferenceHandler:
             finally:
                 self.registry.remove(session.session_id)
 
-    async def _open_session(self, framed: FramedStream, frame: Frame, stack: AsyncExitStack) -> ActiveSession | None:
+    async def _accept_session(self, framed: FramedStream, stack: AsyncExitStack,
+                              client: str | None) -> ActiveSession | None:
+        try:
+            first = await framed.receive(timeout=OPEN_TIMEOUT)
+        except STREAM_ERRORS:
+            return None
+        if first.type != p.OPEN:
+            await self._send_error(framed, first.request_id, p.BAD_REQUEST, f"expected open, got {first.type!r}")
+            return None
+        return await self._open_session(framed, first, stack, client)
+
+    async def _open_session(self, framed: FramedStream, frame: Frame, stack: AsyncExitStack,
+                            client: str | None = None) -> ActiveSession | None:
         try:
             span = self.span  # the span now; a rebalance may replace self.span while this session runs
             request = p.OpenRequest.from_body(frame.body, span.config.num_hidden_layers)
@@ -103,18 +117,21 @@ class InferenceHandler:
                 span_session=span.new_session(request.start, request.end), span=span,
                 batch_size=request.batch_size, max_length=request.max_length,
                 reserved_tokens=request.batch_size * request.max_length,
-                client_stream=framed, next_hop=request.next)
+                client_stream=framed, next_hop=request.next, tap=request.tap, compression=request.compression,
+                client=client)
             try:
                 self.registry.add(session)
             except CacheBudgetExceeded as exc:
-                raise p.ProtocolError(p.BUSY, str(exc)) from exc
+                raise LimitExceeded(exc.limit, str(exc)) from exc
             except ValueError as exc:
                 raise p.ProtocolError(p.BAD_REQUEST, str(exc)) from exc
             stack.callback(self.registry.remove, session.session_id)
             if request.next is not None:
                 session.push_stream = await self._open_push_stream(request.next, stack)
+            # frames up to what this session can use, from now on (session_limits.py)
+            raise_stream_limits(framed, request.batch_size, request.max_length, span.config.hidden_size)
         except p.ProtocolError as exc:
-            await self._send_error(framed, frame.request_id, exc.code, str(exc))
+            await self._send_error(framed, frame.request_id, exc.code, str(exc), limit=getattr(exc, "limit", None))
             return None
         self.stats.sessions_opened += 1
         try:
@@ -150,8 +167,13 @@ class InferenceHandler:
             if idle_left <= 0:
                 await self._send_error(framed, 0, p.SESSION_EXPIRED, f"session idle for {self.idle_timeout:.0f} s")
                 return
+            age_left = self.limits.max_session_seconds - (time.monotonic() - session.opened_at)
+            if age_left <= 0:
+                await self._send_error(framed, 0, p.SESSION_EXPIRED, "session reached this peer's maximum "
+                                       f"duration of {self.limits.max_session_seconds:.0f} s", limit="session_seconds")
+                return
             try:
-                frame = await framed.receive(timeout=idle_left)
+                frame = await framed.receive(timeout=min(idle_left, age_left))
             except ReceiveTimeout:
                 continue  # re-check: pushes may have kept the session busy meanwhile
             except STREAM_ERRORS as exc:
@@ -218,14 +240,21 @@ class InferenceHandler:
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         session.steps_done += 1
         session.touch()
-        tensor = encode_tensor(out, codec=WIRE_CODEC)
+        # the codec for the link this output takes (molink.dht.codec_policy); a tap copy shares it
+        tensor = await encode_hidden_async(out, session.compression, session.client_stream
+                                           if relay or session.push_stream is None else session.push_stream)
+        answer = {"step": step, "hidden": tensor}
+        if session.tap:  # audited: say what input this output came from (spot checks, protocol.py)
+            answer["in_digest"] = p.tensor_digest(hidden)
         if relay or session.push_stream is None:
-            target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, {"step": step, "hidden": tensor})
+            target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, answer)
         else:
             target = session.push_stream
             reply = Frame(p.PUSH, frame.request_id, {"session_id": session.next_hop.session_id, "step": step,
                                                      "hidden": tensor, "mask": frame.body["mask"]})
         try:
+            if session.tap and target is session.push_stream:
+                await session.client_stream.send(Frame(p.TAP, frame.request_id, answer))
             await target.send(reply)
         except STREAM_ERRORS as exc:
             code = p.NEXT_HOP_UNREACHABLE if target is session.push_stream else p.INTERNAL
@@ -242,9 +271,9 @@ class InferenceHandler:
                                              limiter=self.compute_limiter)
 
     async def _send_error(self, framed: FramedStream, request_id: int, code: str, message: str,
-                          step: int | None = None) -> None:
+                          step: int | None = None, limit: str | None = None) -> None:
         try:
-            await framed.send(p.error_frame(request_id, code, message, step))
+            await framed.send(p.error_frame(request_id, code, message, step, limit))
         except STREAM_ERRORS:
             pass  # the client is gone: nobody left to tell
 

@@ -3,32 +3,40 @@
 One place for every protocol constant. Streams (see molink.dht.streams) carry frames:
 
 client -> peer, on INFERENCE_PROTOCOL (one long-lived stream per session per hop)
-  open   {session_id, model_key, start, end, batch_size, max_length, next}  -> opened | error
+  open   {session_id, model_key, start, end, batch_size, max_length, next, tap, compression}  -> opened | error
          next = {peer_id, addrs, session_id} of the following hop, or None for the last hop
+         tap = the client audits this session (swarm/spot_check.py): see `tap` below
+         compression = how this peer encodes the hidden states it sends: auto | raw | zstd | q8
+         (molink.dht.codec_policy; "auto" when absent)
   step   {step, hidden, mask, relay}  -> result (last hop, or relay=True) | pushed on to next
+  tap    {step, hidden, in_digest}     a tapped session's non-last hop also sends the client its
+         output; every hop of a tapped session adds `in_digest` (tensor_digest of the input it
+         got) to its tap or result, so the client can tell whether a hop pushed what it tapped
   close  {}                            -> closed
 peer -> next peer, on PUSH_PROTOCOL (one stream per session per hop)
   push   {session_id, step, hidden, mask}   (no reply: errors go to the client's stream)
 anyone -> peer, on INFO_PROTOCOL
   info   {}  -> info {peer_id, model_key, start, end, throughput, sessions, free_cache_tokens, version}
-Errors are `error {code, message, step}`; codes below.
+Errors are `error {code, message, step[, limit]}`; codes below (`limit`: peer/session_limits.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from molink.dht.codec_policy import COMPRESSION_MODES, DEFAULT_COMPRESSION
 from molink.dht.wire import Frame, WireError, WireLimits, decode_tensor
 
 INFERENCE_PROTOCOL = "/molink/inference/1.0.0"
 PUSH_PROTOCOL = "/molink/push/1.0.0"
 INFO_PROTOCOL = "/molink/info/1.0.0"
 
-OPEN, OPENED, STEP, RESULT, CLOSE, CLOSED, PUSH, INFO, ERROR = (
-    "open", "opened", "step", "result", "close", "closed", "push", "info", "error")
+OPEN, OPENED, STEP, RESULT, CLOSE, CLOSED, PUSH, INFO, ERROR, TAP = (
+    "open", "opened", "step", "result", "close", "closed", "push", "info", "error", "tap")
 
 # error codes
 BAD_REQUEST = "bad_request"  # malformed or out-of-range input: the sender's fault
@@ -55,8 +63,13 @@ class ProtocolError(Exception):
         self.code = code
 
 
-def error_frame(request_id: int, code: str, message: str, step: int | None = None) -> Frame:
-    return Frame(ERROR, request_id, {"code": code, "message": message[:500], "step": step})
+def error_frame(request_id: int, code: str, message: str, step: int | None = None,
+                limit: str | None = None) -> Frame:
+    """`limit` names the cap a refusal hit (peer/session_limits.py); absent for other errors."""
+    body = {"code": code, "message": message[:500], "step": step}
+    if limit is not None:
+        body["limit"] = limit
+    return Frame(ERROR, request_id, body)
 
 
 def _field(body: dict, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -98,11 +111,14 @@ class OpenRequest:
     batch_size: int
     max_length: int
     next: NextHop | None
+    tap: bool = False
+    compression: str = DEFAULT_COMPRESSION
 
     def to_body(self) -> dict:
         return {"session_id": self.session_id, "model_key": self.model_key, "start": self.start, "end": self.end,
                 "batch_size": self.batch_size, "max_length": self.max_length,
-                "next": None if self.next is None else self.next.to_body()}
+                "next": None if self.next is None else self.next.to_body(), "tap": self.tap,
+                "compression": self.compression}
 
     @classmethod
     def from_body(cls, body: dict, num_blocks: int) -> "OpenRequest":
@@ -123,6 +139,13 @@ class OpenRequest:
         model_key = _field(body, "model_key", str)
         if len(model_key) > 256:
             raise ProtocolError(BAD_REQUEST, "model_key too long")
+        tap = body.get("tap", False)
+        if not isinstance(tap, bool):
+            raise ProtocolError(BAD_REQUEST, "tap must be a boolean")
+        compression = body.get("compression", DEFAULT_COMPRESSION)
+        if not isinstance(compression, str) or compression not in COMPRESSION_MODES:
+            raise ProtocolError(BAD_REQUEST, f"unknown compression {str(compression)[:32]!r}; "
+                                             f"known: {COMPRESSION_MODES}")
         return cls(
             session_id=checked_session_id(body.get("session_id")),
             model_key=model_key,
@@ -131,7 +154,17 @@ class OpenRequest:
             batch_size=_int_in(body, "batch_size", 1, MAX_BATCH),
             max_length=_int_in(body, "max_length", 1, MAX_SESSION_TOKENS),
             next=next_hop,
+            tap=tap,
+            compression=compression,
         )
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """16 bytes naming a tensor's exact values, dtype and shape: what a hop got, as it decoded it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+    digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
 
 
 def decode_step_tensors(body: dict, limits: WireLimits, hidden_size: int, batch_size: int,

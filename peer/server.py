@@ -21,9 +21,12 @@ import torch
 import trio
 
 from molink.crypto.identity import Identity
-from molink.dht.direct import DIRECT_PROTOCOL, DirectListener, tcp_ip_of
+from molink.crypto.swarm_key import SwarmKey
+from molink.dht.direct import DIRECT_PROTOCOL, tcp_ip_of
 from molink.dht.host import p2p_addrs, running_host, set_protocol_handler
+from molink.dht.holepunch import PunchingDirectListener
 from molink.dht.kademlia import SwarmDHT
+from molink.dht.nat import NatConfig, NatService
 from molink.dht.records import SpanRecord
 from molink.dht.streams import framed_handler
 from molink.peer import protocol as p
@@ -31,6 +34,7 @@ from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
 from molink.peer.neighbours import NeighbourProber, probe_interval_from_env
+from molink.peer.session_limits import OPEN_MAX_QUEUED_BYTES, OPEN_WIRE_LIMITS, SessionLimits
 from molink.peer.rebalancer import REBALANCE_INTERVAL, AutoPlan, Rebalancer, join_span, plan_auto_span
 from molink.peer.scheduler import BatchingConfig
 from molink.peer.span import SpanModel
@@ -76,6 +80,9 @@ class PeerConfig:
     direct_port: int | None = 0  # direct data channels (dht/direct.py): 0 = any free port, None = off
     probe_interval: float = field(default_factory=probe_interval_from_env)  # neighbours.py: next-hop RTTs (0: off)
     metrics_port: int | None = None  # Prometheus /metrics on the listen IP (metrics.py); None: off
+    nat: NatConfig = field(default_factory=NatConfig)  # reachability, relays, hole punching (dht/nat.py)
+    swarm_key: SwarmKey | None = None  # private swarm: only holders of this key connect (dht/private_swarm.py)
+    session_limits: SessionLimits = field(default_factory=SessionLimits)  # per-client/session caps
 
 
 def measure_throughput(span: SpanModel, steps: int = 24) -> float:
@@ -104,10 +111,14 @@ class PeerServer:
         self.plan = plan
         self.model_key = model_key
         self.throughput = throughput
-        self.registry = SessionRegistry(self._cache_budget() if span is not None else 0)
+        limits = config.session_limits
+        self.registry = SessionRegistry(self._cache_budget() if span is not None else 0, limits.max_sessions,
+                                        max_sessions_per_client=limits.max_sessions_per_client,
+                                        max_session_tokens=limits.max_session_tokens)
         self.handler: InferenceHandler | None = None
         self.addrs: list[str] = []
         self.neighbours: NeighbourProber | None = None  # RTTs to our next hops, for the record
+        self.nat: NatService | None = None  # decides whether records list our addresses or relayed ones
 
     def _cache_budget(self) -> int:
         return self.config.cache_tokens or max(1, self.config.max_cache_bytes // self.span.kv_bytes_per_token())
@@ -130,13 +141,18 @@ class PeerServer:
             return None
         # Load is the number of open sessions: a queue length changes per token and would be stale
         # long before a client read it from a record re-announced every 30 s.
-        return SpanRecord.create(self.config.identity, self.model_key, self.span.start, self.span.end, self.addrs,
-                                 self.throughput, self.registry.free_tokens, VERSION, ttl=RECORD_TTL,
+        # What ONE new session can get: a per-session cap lowers it, so routers do not pick us for more.
+        free = min(self.registry.free_tokens, self.config.session_limits.max_session_tokens or self.registry.free_tokens)
+        addrs = self.nat.announce_addrs(self.addrs) if self.nat is not None else self.addrs
+        return SpanRecord.create(self.config.identity, self.model_key, self.span.start, self.span.end, addrs,
+                                 self.throughput, free, VERSION, ttl=RECORD_TTL,
                                  sessions=len(self.registry),
-                                 next_rtts=self.neighbours.published() if self.neighbours else None)
+                                 next_rtts=self.neighbours.published() if self.neighbours else None,
+                                 reachability=self.nat.status if self.nat is not None else "unknown")
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with running_host(self.config.identity.keypair, self.config.listen) as host:
+        async with running_host(self.config.identity.keypair, self.config.listen,
+                                swarm_key=self.config.swarm_key) as host:
             self.addrs = [str(a).split("/p2p/")[0] for a in p2p_addrs(host)]
             dht = SwarmDHT(host, self.config.identity)
             async with dht.running():
@@ -146,9 +162,12 @@ class PeerServer:
                     self.registry.budget_tokens = self._cache_budget()
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
                                                           idle_timeout=self.config.idle_timeout,
-                                                          throughput=self.throughput, batching=self.config.batching)
+                                                          throughput=self.throughput, batching=self.config.batching,
+                                                          limits=self.config.session_limits)
                 data_handlers = {
-                    p.INFERENCE_PROTOCOL: framed_handler(handler.handle_inference, limits=p.PEER_WIRE_LIMITS,
+                    # small frames until a session exists; the handler then raises them to its need
+                    p.INFERENCE_PROTOCOL: framed_handler(handler.handle_inference, limits=OPEN_WIRE_LIMITS,
+                                                         max_queued_bytes=OPEN_MAX_QUEUED_BYTES,
                                                          receive_timeout=self.config.idle_timeout),
                     p.PUSH_PROTOCOL: framed_handler(handler.handle_push, limits=p.PEER_WIRE_LIMITS),
                 }
@@ -163,6 +182,9 @@ class PeerServer:
 
                         await nursery.start(serve_metrics, self, tcp_ip_of(self.config.listen) or "127.0.0.1",
                                             self.config.metrics_port)
+                    self.nat = NatService(host, self.config.initial_peers, self.config.nat,
+                                          on_change=partial(self._announce_now, dht))
+                    await nursery.start(self.nat.run)  # before the first announce: it picks the addresses
                     await nursery.start(partial(dht.run_announcer, self.record, ANNOUNCE_INTERVAL, ttl=RECORD_TTL))
                     if self.config.probe_interval > 0:
                         self.neighbours = NeighbourProber(
@@ -194,9 +216,23 @@ class PeerServer:
         if self.config.direct_port is None or bind_ip is None:
             logger.info("direct data channels off: sessions use libp2p streams")
             return
-        listener = DirectListener(data_handlers, bind_ip, self.config.direct_port)
+        # Also punches holes towards dialers that reach us through a relay (dht/holepunch.py).
+        listener = PunchingDirectListener(data_handlers, bind_ip, self.config.direct_port, host=host)
         await nursery.start(listener.run)
         set_protocol_handler(host, DIRECT_PROTOCOL, framed_handler(listener.handle_ticket_request))
+
+    async def _announce_now(self, dht: SwarmDHT) -> None:
+        """Our addresses changed (a relay came or went): tell the swarm now, not in 30 s."""
+        record = self.record()
+        if record is None:
+            return
+        with trio.move_on_after(10):
+            try:
+                await dht.announce(record)
+                logger.info("re-announced at %s", ", ".join(record.addrs))
+            except Exception as exc:
+                logger.info("re-announcing after an address change failed (the periodic announce retries): %s",
+                            exc)
 
     async def _leave(self, dht: SwarmDHT) -> None:
         self.handler.leaving = True
@@ -221,21 +257,29 @@ class PeerServer:
                         "cache %d/%d tokens free, %d error(s)", self.span.start, self.span.end, len(self.registry),
                         stats.steps, stats.tokens, self.registry.free_tokens, self.registry.budget_tokens,
                         stats.errors)
+            if self.nat is not None:
+                logger.info("status: %s", self.nat.describe())
 
 
 async def run_bootstrap_node(identity: Identity, listen: list[str], ready_file: str | None,
-                             initial_peers: list[str] = ()) -> None:
-    """A DHT-only node: the swarm's meeting point. Serves no blocks."""
-    async with running_host(identity.keypair, listen) as host:
+                             initial_peers: list[str] = (), swarm_key: SwarmKey | None = None,
+                             nat: NatConfig | None = None) -> None:
+    """A DHT-only node: the swarm's meeting point. Serves no blocks; relays for NATed peers (it is
+    public by default: everyone dials it) and helps them find out whether they are reachable."""
+    async with running_host(identity.keypair, listen, swarm_key=swarm_key) as host:
         dht = SwarmDHT(host, identity)
         async with dht.running():
             if initial_peers:
                 await dht.bootstrap(list(initial_peers))
-            full_addr = str(p2p_addrs(host)[0])
-            logger.info("bootstrap node %s ready at %s", host.get_id().to_base58(), full_addr)
-            if ready_file:
-                write_ready_file(ready_file, full_addr)
-            with trio.open_signal_receiver(*SIGNALS) as signals:
-                async for signum in signals:
-                    logger.info("got %s: stopping", signal.Signals(signum).name)
-                    break
+            nat_service = NatService(host, list(initial_peers), nat or NatConfig(mode="public"))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(nat_service.run)
+                full_addr = str(p2p_addrs(host)[0])
+                logger.info("bootstrap node %s ready at %s", host.get_id().to_base58(), full_addr)
+                if ready_file:
+                    write_ready_file(ready_file, full_addr)
+                with trio.open_signal_receiver(*SIGNALS) as signals:
+                    async for signum in signals:
+                        logger.info("got %s: stopping", signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()

@@ -232,6 +232,7 @@ def bench_model(name: str, model_dir: Path, args, stack: contextlib.ExitStack, w
     from molink.peer.checkpoint import load_config
     from molink.swarm import DistributedModelForCausalLM, LocalSpansModelForCausalLM
     from molink.swarm.model import even_boundaries
+    from molink.swarm.spot_check import DEFAULT_RATE, SpotCheckConfig
 
     config = load_config(model_dir)
     layers = config.num_hidden_layers
@@ -251,11 +252,16 @@ def bench_model(name: str, model_dir: Path, args, stack: contextlib.ExitStack, w
         client = stack.enter_context(DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers))
         swarms[k] = (swarm, client)
         generate = swarm_model_generate(client)
-        for mode in ("push", "relay"):
-            def before(client=client, relay=(mode == "relay")):
+        # the transport alone (spot checks off); with k = 3 also the default spot checks, whose
+        # per-step cost here is the taps (no replicas: nothing to re-run)
+        variants = [("push", 0.0), ("relay", 0.0)] + ([("push", DEFAULT_RATE)] if k == max(SPAN_COUNTS) else [])
+        for mode, rate in variants:
+            def before(client=client, relay=(mode == "relay"), rate=rate):
                 client.relay = relay
+                client.spot_check = SpotCheckConfig(rate=rate)
 
-            setups.append(Setup(f"swarm x{k} {mode}", generate, hops=(k + 1) if mode == "push" else 2 * k,
+            label = f"swarm x{k} {mode}" + (f" spot checks {rate:g}" if rate else "")
+            setups.append(Setup(label, generate, hops=(k + 1) if mode == "push" else 2 * k,
                                 spans=k, mode=mode, before=before, peer_pids=[p.pid for p in swarm.peers]))
 
     log(f"{name}: warm-up and token check (one untimed run per setup)")

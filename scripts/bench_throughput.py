@@ -2,7 +2,8 @@
 
     python scripts/bench_throughput.py [--models tiny,smollm2] [--sessions 1,8,32,64] [--new-tokens 32]
                                        [--prompt-tokens 16] [--threads 1] [--long-prompt 1024]
-                                       [--running 8] [--out bench_results/throughput.json]
+                                       [--running 8] [--batch-rows 32] [--micro-batches 1,2,3,4,auto]
+                                       [--out bench_results/throughput.json]
 
 Two swarms of 3 peer processes each (+ a bootstrap each) on 127.0.0.1, the model split evenly:
 one with batching on (peer/scheduler.py: continuous batching, decode first), one started with
@@ -20,8 +21,14 @@ Long prompt: --running sessions decode; once each has a few tokens, a new sessio
 --long-prompt-token prompt. We report the running sessions' ITL p50/p99/max while that prompt is
 being prefilled (from its arrival to its first token) and in the second before it.
 
+Micro-batches: one client makes ONE greedy generate call with a batch of --batch-rows prompts,
+split into k pipelined sessions (swarm/micro_batches.py; "auto": swarm/pipeline_cost.py's choice);
+tokens/s = rows x new tokens / the call's wall time (prefill included).
+
 The client, every peer and the bootstrap share this machine's cores: at high concurrency the
-client's own work (embeddings, lm_head and sampling per session) competes with the peers'.
+client's own work (embeddings, lm_head and sampling) competes with the peers'. The client's
+lm_head runs once per step for all sessions waiting on it (swarm/head_batcher.py): "head batch"
+is the mean number of generations per head forward during a level.
 """
 
 from __future__ import annotations
@@ -152,12 +159,30 @@ def try_peer_stats(client, swarm) -> list[dict] | None:
 
 def measure_level(client, swarm, n: int, args, vocab: int) -> dict:
     before = try_peer_stats(client, swarm)
+    head_before = client.head_batcher.stats.as_dict()
     started = time.perf_counter()
     stamps = run_sessions(client, prompts_for(n, args.prompt_tokens, vocab, seed=n), args.new_tokens)
     wall = time.perf_counter() - started
     after = try_peer_stats(client, swarm) if before else None
+    head = {key: client.head_batcher.stats.as_dict()[key] - head_before[key] for key in ("requests", "steps")}
     return {"sessions": n, **steady_metrics(stamps), "wall_s": wall, "mean_batch": batch_delta(before, after),
-            "loadavg": loadavg()}
+            "head_batch": head["requests"] / head["steps"] if head["steps"] else None, "loadavg": loadavg()}
+
+
+def measure_micro_batches(client, setting, args, vocab: int) -> dict:
+    """One greedy generate call of --batch-rows rows as `setting` micro-batches; tokens/s of the call."""
+    from molink.swarm.generation import merged_generation_config
+    from molink.swarm.micro_batches import micro_batch_count
+
+    rows, new = args.batch_rows, args.new_tokens
+    ids = torch.cat(prompts_for(rows, args.prompt_tokens, vocab, seed=rows))
+    config = merged_generation_config(client.generation_config, max_new_tokens=new, do_sample=False)
+    k = client._run(micro_batch_count, client, setting, rows, ids.shape[1] + new, config)
+    started = time.perf_counter()
+    client._run(client.generate_async, ids, None, config, None, k)
+    wall = time.perf_counter() - started
+    return {"rows": rows, "setting": str(setting), "k": k, "tokens_per_s": rows * new / wall,
+            "ms_per_step": 1000 * wall / new, "loadavg": loadavg()}
 
 
 def long_prompt_test(client, args, vocab: int) -> dict:
@@ -216,8 +241,8 @@ def bench_model(name: str, model_dir: Path, args, stack: contextlib.ExitStack, w
         stack.callback(swarm.stop)
         swarm.start()
         swarms[mode] = swarm
-        clients[mode] = stack.enter_context(DistributedModelForCausalLM.from_pretrained(model_dir,
-                                                                                        swarm.initial_peers))
+        clients[mode] = stack.enter_context(DistributedModelForCausalLM.from_pretrained(
+            model_dir, swarm.initial_peers, spot_check=args.spot_check))
         clients[mode].generation_config.eos_token_id = None  # every session makes every token
         run_sessions(clients[mode], prompts_for(2, args.prompt_tokens, config.vocab_size, 0), 4)  # warm-up
     levels = []
@@ -228,13 +253,19 @@ def bench_model(name: str, model_dir: Path, args, stack: contextlib.ExitStack, w
             save_partial(args, {"model": name, "levels": levels, "partial": True})
             log(f"{name}: {n:3d} sessions, batching {mode:3s}: {row['tokens_per_s']:7.1f} tok/s, ITL p50 "
                 f"{row['itl_p50_ms']:.1f} ms p99 {row['itl_p99_ms']:.1f} ms, mean batch {row['mean_batch']}")
+    micro = []
+    for setting in args.micro_batches if args.batch_rows else []:
+        for mode in MODES:
+            micro.append({"mode": mode, **measure_micro_batches(clients[mode], setting, args, config.vocab_size)})
+            log(f"{name}: {args.batch_rows} rows in one call, micro_batches={setting} (k={micro[-1]['k']}), batching "
+                f"{mode}: {micro[-1]['tokens_per_s']:.1f} tok/s")
     long_prompt = {}
     if args.long_prompt:
         for mode in MODES:
             long_prompt[mode] = long_prompt_test(clients[mode], args, config.vocab_size)
             log(f"{name}: long prompt, batching {mode}: {long_prompt[mode]}")
     return {"model": name, "model_dir": str(model_dir), "layers": config.num_hidden_layers, "spans": spans,
-            "levels": levels, "long_prompt": long_prompt}
+            "levels": levels, "micro_batches": micro, "long_prompt": long_prompt}
 
 
 def save_partial(args, result: dict) -> None:
@@ -250,8 +281,9 @@ def print_tables(results: list[dict], args) -> None:
           f"thread(s) per process, greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per "
           f"session; steady state = every session started, none finished. x1 = tokens/s / the same mode's "
           f"1-session tokens/s; ITL = inter-token latency; mean batch = sessions per decode forward, all peers.")
-    print("\n| model | sessions | batching | tokens/s | x1 | ITL p50 ms | ITL p99 ms | p50 / 1-session p50 | mean batch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | sessions | batching | tokens/s | x1 | ITL p50 ms | ITL p99 ms | p50 / 1-session p50 "
+          "| mean batch | head batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         single = {r["mode"]: r for r in result["levels"] if r["sessions"] == 1}
         for r in result["levels"]:
@@ -259,8 +291,18 @@ def print_tables(results: list[dict], args) -> None:
             speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else ""
             ratio = f"{r['itl_p50_ms'] / base['itl_p50_ms']:.2f}" if base else ""
             batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "–"
+            head = f"{r['head_batch']:.1f}" if r.get("head_batch") else "–"
             print(f"| {result['model']} | {r['sessions']} | {r['mode']} | {r['tokens_per_s']:.1f} | {speedup} | "
-                  f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {ratio} | {batch} |")
+                  f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {ratio} | {batch} | {head} |")
+    if any(result.get("micro_batches") for result in results):
+        print(f"\nOne client, one greedy generate call of {args.batch_rows} rows split into k micro-batches "
+              f"(tokens/s = rows x {args.new_tokens} / the call's wall time, prefill included)")
+        print("\n| model | micro_batches | k | batching | tokens/s | ms per step |")
+        print("|---|---|---|---|---|---|")
+        for result in results:
+            for r in result.get("micro_batches", []):
+                print(f"| {result['model']} | {r['setting']} | {r['k']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
+                      f"{r['ms_per_step']:.1f} |")
     if any(result["long_prompt"] for result in results):
         print(f"\nRunning sessions' ITL while a {args.long_prompt}-token prompt arrives ({args.running} running; "
               "during = from its arrival to its first token; before = the second before it)")
@@ -287,10 +329,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process and in each peer")
     parser.add_argument("--long-prompt", type=int, default=1024, help="tokens of the arriving prompt (0: skip)")
     parser.add_argument("--running", type=int, default=8, help="sessions decoding while the long prompt arrives")
+    parser.add_argument("--batch-rows", type=int, default=32, help="rows of the one-call micro-batch test (0: skip)")
+    parser.add_argument("--micro-batches", default="1,2,3,4,auto", help="micro_batches settings for that test")
+    parser.add_argument("--spot-check", type=float, default=0.0,
+                        help="clients' spot-check rate (swarm/spot_check.py; its cost: bench_spot_check.py)")
     parser.add_argument("--peer-args", default="", help="extra molink-peer join arguments for both swarms")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "throughput.json"))
     args = parser.parse_args()
     args.sessions = [int(n) for n in args.sessions.split(",")]
+    args.micro_batches = [m if m == "auto" else int(m) for m in args.micro_batches.split(",")]
 
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -313,7 +360,7 @@ def main() -> None:
         shutil.rmtree(workroot, ignore_errors=True)
     print_tables(results, args)
     meta = {key: getattr(args, key) for key in ("sessions", "new_tokens", "prompt_tokens", "threads", "long_prompt",
-                                                "running", "peer_args")}
+                                                "running", "batch_rows", "micro_batches", "spot_check", "peer_args")}
     meta.update(cpu_count=os.cpu_count(), torch=torch.__version__, python=platform.python_version(), git=git,
                 loadavg_after=loadavg(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

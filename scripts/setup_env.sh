@@ -47,6 +47,15 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 
+# The NAT test bed (scripts/nat_bed.py, tests/test_nat.py) builds home routers with nftables; it
+# runs only as root, so only root gets it installed (the NAT tests skip without `nft`).
+if ! command -v nft >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing nftables (for the NAT test bed)"
+  { apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; } \
+    || say "could not install nftables; the NAT bed tests will be skipped"
+fi
+
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 

@@ -25,6 +25,19 @@ from pathlib import Path
 READY_TIMEOUT = 300.0  # peers joining over a 200 ms, 1 %-loss link need many round trips
 
 
+def wait_ready(workdir: Path, host: str, proc, ready: Path) -> str:
+    """A started peer's multiaddr once its ready file appears; its log tail if it dies first."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return ready.read_text().strip()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = (workdir / f"{host}.log").read_text(errors="replace").splitlines()[-20:]
+    raise RuntimeError(f"{host} not ready (exit {proc.poll()}):\n" + "\n".join(tail))
+
+
 def start_swarm(bed, model_dir, spans, workdir: Path, threads: int = 1, extra_args=()) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -41,15 +54,7 @@ def start_swarm(bed, model_dir, spans, workdir: Path, threads: int = 1, extra_ar
         return host, proc, ready
 
     def wait(host, proc, ready) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if ready.exists():
-                return ready.read_text().strip()
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = (workdir / f"{host}.log").read_text(errors="replace").splitlines()[-20:]
-        raise RuntimeError(f"{host} not ready (exit {proc.poll()}):\n" + "\n".join(tail))
+        return wait_ready(workdir, host, proc, ready)
 
     boot = wait(*spawn("boot", ["bootstrap"]))
     peers = [spawn(f"p{i}", ["join", "--model", str(model_dir), "--blocks", f"{a}:{b}", "--initial-peers", boot,

@@ -14,12 +14,26 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _add_swarm_key(p) -> None:
+    from molink.peer.cli import add_swarm_key_arg
+
+    add_swarm_key_arg(p)
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     p.add_argument("--relay", action="store_true", help="client-relayed routing instead of peer-to-peer push")
+    _add_spot_check(p)
+    _add_swarm_key(p)
+
+
+def _add_spot_check(p) -> None:
+    p.add_argument("--spot-check", type=float, default=None, metavar="RATE",
+                   help="share of each route's hops whose work other peers re-run to catch liars "
+                        "(molink.swarm.spot_check; default 0.1, 0 turns it off)")
 
 
 def _add_demo(sub) -> None:
@@ -65,6 +79,8 @@ def _add_serve_api(sub) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model's name in the DHT key and the API (default: the model folder's name)")
     p.add_argument("--relay", action="store_true", help="client-relayed routing instead of peer-to-peer push")
+    _add_spot_check(p)
+    _add_swarm_key(p)
     _add_server_args(p)
     p.set_defaults(func=run_serve_api)
 
@@ -85,7 +101,14 @@ def _add_status(sub) -> None:
                                    "knows what it serves.")
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     p.add_argument("--model", default=None, help="model directory or hub id")
+    _add_swarm_key(p)
     p.set_defaults(func=run_status)
+
+
+def _swarm_key(args):
+    from molink.peer.cli import swarm_key_of
+
+    return swarm_key_of(args)
 
 
 def _model_dir(model: str | None):
@@ -150,6 +173,7 @@ def run_demo(args) -> int:
     from molink.peer.checkpoint import load_config
     from molink.swarm.model import LocalSpansModelForCausalLM, even_boundaries
 
+    swarm_key = _swarm_key(args)  # a bad key file fails here, before any process starts
     model_dir = _model_dir(args.model)
     _err(f"model: {model_dir}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -164,12 +188,13 @@ def run_demo(args) -> int:
     from molink.swarm.distributed import DistributedModelForCausalLM
     from molink.swarm.local_swarm import LocalSwarm
 
-    swarm = LocalSwarm(model_dir, spans)
+    swarm = LocalSwarm(model_dir, spans, swarm_key=args.swarm_key)
     _err(f"starting a bootstrap node and {len(spans)} peers on 127.0.0.1 (logs in {swarm.workdir}) ...")
     with swarm:
         for peer in swarm.peers:
             _err(f"  {peer.name} (pid {peer.pid}) serves blocks [{peer.blocks[0]}:{peer.blocks[1]}) at {peer.address}")
-        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, relay=args.relay) as model:
+        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, relay=args.relay,
+                                                         swarm_key=swarm_key, spot_check=args.spot_check) as model:
             if args.serve:
                 _err(f"bootstrap: {swarm.initial_peers[0]}")
                 _serve(model, tokenizer, _api_model_id(model_dir, None), args)
@@ -208,7 +233,8 @@ def run_serve_api(args) -> int:
     model_dir = _model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with DistributedModelForCausalLM.from_pretrained(model_dir, args.initial_peers, relay=args.relay,
-                                                     model_name=args.model_name) as model:
+                                                     model_name=args.model_name, swarm_key=_swarm_key(args),
+                                                     spot_check=args.spot_check) as model:
         _serve(model, tokenizer, _api_model_id(model_dir, args.model_name), args)
     return 0
 
@@ -220,7 +246,8 @@ def run_generate(args) -> int:
 
     model_dir = _model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with DistributedModelForCausalLM.from_pretrained(model_dir, args.initial_peers, relay=args.relay) as model:
+    with DistributedModelForCausalLM.from_pretrained(model_dir, args.initial_peers, relay=args.relay,
+                                                     swarm_key=_swarm_key(args), spot_check=args.spot_check) as model:
         _generate(model, tokenizer, args)
     return 0
 
@@ -228,7 +255,7 @@ def run_generate(args) -> int:
 def run_status(args) -> int:
     from molink.swarm.status import print_status
 
-    return print_status(args.initial_peers, _model_dir(args.model) if args.model else None)
+    return print_status(args.initial_peers, _model_dir(args.model) if args.model else None, _swarm_key(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         from molink.swarm.inference_session import InferenceError
         from molink.swarm.routing import NoRouteError
 
-        if not isinstance(exc, (ConnectionError, OSError, ValueError, NoRouteError, InferenceError)):
+        from molink.crypto.swarm_key import SwarmKeyError
+
+        if not isinstance(exc, (ConnectionError, OSError, ValueError, NoRouteError, InferenceError, SwarmKeyError)):
             raise
         _err(f"error: {exc}")
         return 2

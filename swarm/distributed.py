@@ -12,6 +12,8 @@ opens a RemoteSession along it. `close()` stops the loop: no threads or sockets 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,28 +23,36 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode
 
 from molink.crypto.identity import Identity, load_or_create_identity
+from molink.crypto.swarm_key import SwarmKey, swarm_key_from
+from molink.dht.codec_policy import DEFAULT_COMPRESSION, check_compression
+from molink.dht.holepunch import data_paths
 from molink.dht.host import running_host
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import SpanRecord
 from molink.peer.checkpoint import resolve_model_dir
 from molink.peer.model_key import model_key_for
-from molink.swarm.inference_session import RemoteSession
+from molink.swarm.inference_session import InferenceError, RemoteSession
 from molink.swarm.loop import BackgroundLoop
 from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
 from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
+from molink.swarm.spot_check import Auditor, SpotCheckConfig
 
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT = 15.0
 RECORDS_REFRESH_SECONDS = 15.0
 LOOKUP_TIMEOUT = 5.0
+VERIFIER_TRIES = 3  # candidates tried per lookup before saying nobody can check a hop
+VERIFIER_LOOKUP_AFTER = 5.0  # seconds: records younger than this are trusted to list every verifier
 
 
 class DistributedModelForCausalLM(SwarmModelBase):
     def __init__(self, model_dir: Path, initial_peers: list[str], dtype: torch.dtype = torch.float32,
                  relay: bool = False, identity: Identity | None = None, model_name: str | None = None,
-                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, direct: bool = True):
+                 recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, direct: bool = True,
+                 spot_check: SpotCheckConfig | float | None = None, compression: str = DEFAULT_COMPRESSION,
+                 swarm_key: SwarmKey | str | os.PathLike | None = None):
         super().__init__(model_dir, dtype)
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one bootstrap multiaddr")
@@ -51,11 +61,26 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.direct = direct  # hot path on direct channels where peers offer them (molink.dht.direct)
         self.model_key = model_key_for(model_dir, model_name)
         self.identity = identity or Identity.generate()
+        # a private swarm's key (or its file): without it no node of that swarm will talk to us
+        self.swarm_key = swarm_key_from(swarm_key)
         self.last_route: list[RouteHop] = []
         self.bans = BanList()
         self.rtts: dict[str, float] = {}
         self.active_sessions: Counter[str] = Counter()
         self.recovery_timeout = recovery_timeout
+        # re-run a fraction of hops on other peers and catch liars (swarm/spot_check.py); 0 = off
+        self.spot_check = SpotCheckConfig.of(spot_check)
+        self._spot_rng: random.Random | None = None  # which hops to audit: one stream for all generations
+        self._spot_rng_config: SpotCheckConfig | None = None
+        # hidden states' codec on every link of our sessions: "auto" (by link, lossless), "raw", "zstd",
+        # or the lossy "q8" (molink.dht.codec_policy; its effect on tokens is measured in README)
+        self.compression = check_compression(compression)
+        if self.compression == "q8" and self.spot_check.rate > 0:
+            # audits compare hops within fp tolerances far below q8's rounding: honest peers would be banned
+            if spot_check is not None:
+                raise ValueError("compression='q8' cannot be combined with spot checks (yet)")
+            logger.warning("compression='q8': spot checks are off (their tolerances are below q8's rounding)")
+            self.spot_check = SpotCheckConfig(rate=0.0)
         self.last_chain: FailoverChain | None = None
         self._records: list[SpanRecord] = []
         self._unreachable: dict[str, int] = {}  # peer id -> seq of the record that could not be dialled
@@ -74,14 +99,17 @@ class DistributedModelForCausalLM(SwarmModelBase):
                         relay: bool = False, identity_path: str | None = None,
                         model_name: str | None = None,
                         recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT,
-                        direct: bool = True) -> "DistributedModelForCausalLM":
+                        direct: bool = True,
+                        spot_check: SpotCheckConfig | float | None = None,
+                        compression: str = DEFAULT_COMPRESSION,
+                        swarm_key: SwarmKey | str | os.PathLike | None = None) -> "DistributedModelForCausalLM":
         identity = load_or_create_identity(identity_path) if identity_path else None
         return cls(resolve_model_dir(path_or_id), initial_peers, dtype, relay, identity, model_name,
-                   recovery_timeout, direct)
+                   recovery_timeout, direct, spot_check, compression, swarm_key=swarm_key)
 
     async def _network(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._shutdown = trio.Event()
-        async with running_host(self.identity.keypair, ["/ip4/127.0.0.1/tcp/0"]) as host:
+        async with running_host(self.identity.keypair, ["/ip4/127.0.0.1/tcp/0"], swarm_key=self.swarm_key) as host:
             # client mode: a researcher's laptop (often behind NAT) must not become a DHT server
             dht = SwarmDHT(host, self.identity, mode=DHTMode.CLIENT)
             async with dht.running():
@@ -104,14 +132,55 @@ class DistributedModelForCausalLM(SwarmModelBase):
         async def open_session(banned: set[str]) -> RemoteSession:
             return await self.open_session(batch_size, max_length, banned)
 
+        async def open_verifier(start: int, end: int, exclude: set[str], urgent: bool) -> RemoteSession | None:
+            return await self.open_verifier(start, end, exclude, batch_size, max_length, urgent)
+
+        auditor = None
+        if self.spot_check.rate > 0:
+            if self._spot_rng is None or self._spot_rng_config is not self.spot_check:
+                self._spot_rng, self._spot_rng_config = random.Random(self.spot_check.seed), self.spot_check
+            auditor = Auditor(self.spot_check, open_verifier, struck=self.bans.struck, ban_liar=self.bans.ban_liar,
+                              rng=self._spot_rng)
         self.last_chain = FailoverChain(open_session, self.bans, self.recovery_timeout, has_moved=self._has_moved,
-                                        pipelined=not self.relay)
+                                        pipelined=not self.relay, auditor=auditor)
         return self.last_chain
+
+    async def open_verifier(self, start: int, end: int, exclude: set[str], batch_size: int,
+                            max_length: int, urgent: bool = False) -> RemoteSession | None:
+        """A one-hop session on a peer serving blocks [start, end), not in `exclude`, for spot
+        checks; refreshes the records once if none is known; None when nobody else serves them."""
+        for attempt in range(2):
+            candidates = [r for r in self._records if r.start <= start and end <= r.end and not r.is_withdrawal
+                          and r.peer_id not in exclude and self._unreachable.get(r.peer_id) != r.seq]
+            random.shuffle(candidates)  # a liar must not be able to predict who checks it
+            for record in candidates[:VERIFIER_TRIES]:
+                session = RemoteSession(self.host, [RouteHop(record, start, end)], self.model_key, batch_size,
+                                        max_length, self.config.hidden_size, relay=True, direct=self.direct)
+                try:
+                    await self._loop.nursery.start(session.run)
+                    return session
+                except InferenceError as exc:
+                    logger.info("spot check: verifier %s unavailable: %s", record.peer_id, exc)
+            if attempt == 0 and (urgent or time.monotonic() - self._records_at > VERIFIER_LOOKUP_AFTER):
+                with trio.move_on_after(LOOKUP_TIMEOUT):
+                    await self._refresh_records()
+        return None
 
     @property
     def last_recoveries(self) -> list[dict]:
         """What failed during the last generation and how long each recovery took."""
         return list(self.last_chain.recoveries) if self.last_chain else []
+
+    @property
+    def last_lies(self) -> list[dict]:
+        """Peers caught lying by spot checks during the last generation (see swarm/spot_check.py)."""
+        return list(self.last_chain.lies) if self.last_chain else []
+
+    @property
+    def last_spot_checks(self) -> dict:
+        """The last generation's audit counters: audits, steps and tokens re-run, third opinions."""
+        auditor = self.last_chain.auditor if self.last_chain else None
+        return dict(auditor.stats) if auditor else {}
 
     async def _has_moved(self, peer_id: str) -> bool:
         """Did the peer re-announce itself at other addresses (restart on a new port)? Updates the cache."""
@@ -149,7 +218,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
                                 self.config.hidden_size, relay=self.relay, on_closed=self._session_closed,
-                                direct=self.direct)
+                                direct=self.direct, tap=self.spot_check.rate > 0, compression=self.compression)
         self.active_sessions.update(hop.peer_id for hop in route)
         try:
             await self._loop.nursery.start(session.run)
@@ -157,6 +226,17 @@ class DistributedModelForCausalLM(SwarmModelBase):
             self._session_closed(session)
             raise
         return session
+
+    async def planned_route(self, batch_size: int, max_length: int) -> list[RouteHop] | None:
+        """The route a session of this shape would take now, opening nothing (sizes micro-batches,
+        swarm/micro_batches.py); None when no route is known."""
+        if not self._records:
+            with trio.move_on_after(LOOKUP_TIMEOUT):
+                await self._refresh_records()
+        try:
+            return self._plan(self._records, batch_size, max_length, self.bans.banned())
+        except NoRouteError:
+            return None
 
     async def _refresh_records(self) -> None:
         if self._refreshing is not None:  # one lookup at a time: 64 sessions opening at once share it
@@ -183,8 +263,11 @@ class DistributedModelForCausalLM(SwarmModelBase):
         records = [r for r in records if self._unreachable.get(r.peer_id) != r.seq]
         # rtts: our own heartbeat round trips (first and last hop; fallback for pairs whose first
         # peer published none); relay: every hop is then a round trip of ours (routing.py)
+        # punched: NATed peers our data channels reach directly after all (dht/holepunch.py)
+        punched = {peer for peer, path in data_paths(self.host).items() if path == "punched"}
         return make_route(records, self.config.num_hidden_layers, banned=banned, rtts=self.rtts,
-                          load=self.active_sessions, min_free_tokens=batch_size * max_length, relay=self.relay)
+                          load=self.active_sessions, min_free_tokens=batch_size * max_length, relay=self.relay,
+                          punched=punched)
 
     def _session_closed(self, session: RemoteSession) -> None:
         if getattr(session, "_counted_out", False):

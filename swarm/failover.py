@@ -21,22 +21,34 @@ import trio
 
 from molink.peer import protocol as p
 from molink.swarm.inference_session import InferenceError, RemoteSession
-from molink.swarm.routing import BanList, NoRouteError
+from molink.swarm.routing import BanList, NoRouteError, is_relayed
+from molink.swarm.spot_check import Auditor, LiarDetected
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECOVERY_TIMEOUT = 60.0
 ROUTE_RETRY_INTERVAL = 0.5
 BUSY_BACKOFF = 2.0  # a busy peer is healthy: try the others, come back soon, no strike
+RELAY_LOSS_BACKOFF = 2.0  # a NATed peer whose relay left needs ~1-2 s to announce another
 
 OpenSession = Callable[[set[str]], Awaitable[RemoteSession]]
 HasMoved = Callable[[str], Awaitable[bool]]
 
 
+class RollBack(Exception):
+    """Outputs from history step `step` on were wrong (a liar was caught and banned): the
+    generation must go back to before that step; `FailoverChain.rewind` then replays the rest."""
+
+    def __init__(self, step: int, reason: LiarDetected):
+        super().__init__(f"rolling back to step {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
 class FailoverChain:
     def __init__(self, open_session: OpenSession, bans: BanList,
                  recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, has_moved: HasMoved | None = None,
-                 pipelined: bool = True):
+                 pipelined: bool = True, auditor: Auditor | None = None):
         self.open_session = open_session
         self.has_moved = has_moved  # a peer restarted on a new address is not to be banned
         self.bans = bans
@@ -47,6 +59,8 @@ class FailoverChain:
         # steps sent back to back travel pipelined (push mode); client-relayed steps would only
         # add round trips, so the generation loop sends a prompt whole then
         self.pipelined = pipelined
+        self.auditor = auditor  # spot checks (swarm/spot_check.py), or None
+        self.lies: list[dict] = []  # liars caught: who, at which step, proven by a third opinion or not
 
     async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         return (await self.step_many([(hidden_states, new_mask)]))[0]
@@ -61,6 +75,11 @@ class FailoverChain:
                 if self.session is None:
                     await self._reopen(pending=len(items))
                 results = await self.session.step_many(items)
+                if self.auditor is not None:
+                    await self.auditor.after_steps(self.session)
+            except LiarDetected as exc:
+                await self._punish(exc)
+                raise RollBack(exc.first_bad_step, exc) from exc
             except NoRouteError as exc:
                 raise self._give_up(failures, exc) from exc
             except InferenceError as exc:
@@ -102,9 +121,15 @@ class FailoverChain:
                     raise
                 await trio.sleep(ROUTE_RETRY_INTERVAL)  # wait for a replica or a joining peer
         self.session = session
-        replay = self.history[:-pending]
+        if self.auditor is not None:
+            self.auditor.attach(session)
+        replay = self.history[:-pending] if pending else self.history
         if replay:
             await session.step_many(replay)
+
+    def _reached_through_relay(self, peer_id: str | None) -> bool:
+        route = self.session.route if self.session is not None else []
+        return any(hop.peer_id == peer_id and is_relayed(hop.record) for hop in route)
 
     async def _drop_session(self, exc: InferenceError) -> None:
         if exc.unreachable and exc.peer_id and self.has_moved is not None and await self.has_moved(exc.peer_id):
@@ -112,16 +137,52 @@ class FailoverChain:
         elif exc.code == p.BUSY and exc.peer_id is not None:
             self.bans.avoid(exc.peer_id, BUSY_BACKOFF)
             logger.info("peer %s is busy; trying others", exc.peer_id)
+        elif exc.code is None and self._reached_through_relay(exc.peer_id):
+            # Its relay may have left (not the peer's fault): it reserves another and re-announces
+            # within seconds. No strike; if the peer itself is gone, the reconnect says so.
+            self.bans.avoid(exc.peer_id, RELAY_LOSS_BACKOFF)
+            logger.info("relayed peer %s failed (%s); retrying in %.0f s", exc.peer_id, exc, RELAY_LOSS_BACKOFF)
         elif exc.peer_id is not None:
             duration = self.bans.ban(exc.peer_id)
             logger.warning("peer %s failed (%s); banned for %.0f s, re-routing", exc.peer_id, exc, duration)
         else:
             logger.warning("session failed (%s); re-routing", exc)
+        await self._forget_session()
+
+    async def _forget_session(self, wait: bool = False) -> None:
+        if self.auditor is not None:
+            await self.auditor.detach()
         if self.session is not None:
             session, self.session = self.session, None
-            await session.close(wait=False)
+            await session.close(wait=wait)
+
+    # ------------------------------------------------------------------ spot checks
+
+    async def settle(self) -> None:
+        """End of a generation: finish the audits (may raise RollBack, like a step)."""
+        if self.auditor is None or self.session is None:
+            return
+        try:
+            await self.auditor.settle(self.session)
+        except LiarDetected as exc:
+            await self._punish(exc)
+            raise RollBack(exc.first_bad_step, exc) from exc
+
+    def rewind(self, steps: int) -> None:
+        """Forget history from `steps` on; the next step reopens a route and replays the rest."""
+        del self.history[steps:]
+
+    async def _punish(self, exc: LiarDetected) -> None:
+        for peer_id in exc.liars:
+            if exc.proven:
+                self.bans.ban_liar(peer_id)
+            else:
+                self.bans.ban(peer_id)
+            self.lies.append({"peer_id": peer_id, "step": exc.first_bad_step, "proven": exc.proven,
+                              "reason": str(exc)})
+        logger.warning("spot check: %s; %s %s, rolling back to step %d", exc,
+                       "banned" if exc.proven else "avoiding", sorted(exc.liars), exc.first_bad_step)
+        await self._forget_session()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        await self._forget_session(wait=True)

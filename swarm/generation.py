@@ -8,6 +8,7 @@ The processors themselves are transformers' classes: we only choose and order th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,6 +24,8 @@ from transformers.generation.logits_process import (
 
 from molink.peer.families import ClientHead
 from molink.peer.span import positions_from_mask
+from molink.swarm.failover import RollBack
+from molink.swarm.head_batcher import HeadBatcher
 
 #: generation options this loop implements; anything else is refused rather than ignored
 SUPPORTED_OPTIONS = {
@@ -113,13 +116,48 @@ async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -
     return (await chain.step_many(items))[-1]
 
 
-async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None, config: GenerationConfig,
-                        streamer=None) -> torch.Tensor:
+@dataclass
+class _Before:
+    """The loop's state before one generation step: where a spot check's rollback returns to."""
+
+    history: int
+    input_ids: torch.Tensor
+    step_ids: torch.Tensor
+    step_mask: torch.Tensor
+    seen_mask: torch.Tensor
+    unfinished: torch.Tensor
+    rng: torch.Tensor | None
+
+
+async def generate_with_chain(head: ClientHead | HeadBatcher, chain: SpanChain, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None, config: GenerationConfig,
+                              streamer=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run the sampling loop; returns prompt + new tokens, [batch, prompt + new], like `generate`.
 
+    `head`: the model's shared HeadBatcher, so that concurrent generations share one lm_head
+    forward per step (swarm/head_batcher.py), or a bare ClientHead (a generation of its own).
+    `generator`: the random stream sampling draws from (default: torch's global one);
+    `torch.Generator().manual_seed(s)` gives the samples of `torch.manual_seed(s)` + `generate`,
+    whatever other generations run on the same loop meanwhile.
+    """
+    batcher = HeadBatcher.of(head)
+    with batcher.generation():
+        return await _sample(batcher, chain, input_ids, attention_mask, config, streamer,
+                             generator if generator is not None else torch.default_generator)
+
+
+async def _sample(head: HeadBatcher, chain: SpanChain, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  config: GenerationConfig, streamer, rng: torch.Generator) -> torch.Tensor:
+    """The loop of generate_with_chain.
+
     Async so that a remote chain's steps run on the swarm's event loop with no thread hop per
-    token; the torch work here (embeddings, head, sampling) is small.
+    token; of the torch work here only the lm_head is heavy, and it is shared and threaded
+    (head_batcher.py). Sampling stays here: each generation's processors and draws run in its
+    own order, with no await between a draw's logits and the draw. A chain with spot checks
+    (swarm/failover.py) may raise RollBack: a peer lied from some step on, so the loop returns to
+    its state before that step (tokens, masks, and the sampler's random state) and goes on; the
+    chain replays the good history through honest peers. (Tokens already given to a streamer are
+    not taken back; the returned tensor is exact.)
     """
     input_ids = input_ids.long()
     if attention_mask is None:
@@ -132,15 +170,40 @@ async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: tor
         streamer.put(input_ids.cpu())
     step_ids, step_mask = input_ids, attention_mask
     seen_mask = attention_mask  # every token so far: learned absolute positions come from it
-    for _ in range(max_new_tokens_of(config, input_ids.shape[1])):
-        positions = positions_from_mask(seen_mask)[:, -step_ids.shape[1]:] if head.needs_positions else None
-        hidden = await run_step(chain, head.embed(step_ids, positions), step_mask)
+    rewinds = hasattr(chain, "rewind")
+    before: list[_Before] = []
+    new_tokens = max_new_tokens_of(config, input_ids.shape[1])
+    while True:
+        if len(before) == new_tokens or (eos is not None and before and unfinished.max() == 0):
+            try:
+                if rewinds:
+                    await chain.settle()
+                break
+            except RollBack as rollback:
+                state = _rewind(chain, before, rollback)
+        else:
+            if rewinds:
+                before.append(_Before(len(chain.history), input_ids, step_ids, step_mask, seen_mask, unfinished,
+                                      rng.get_state() if config.do_sample else None))
+            positions = positions_from_mask(seen_mask)[:, -step_ids.shape[1]:] if head.needs_positions else None
+            try:
+                hidden = await run_step(chain, head.embed(step_ids, positions), step_mask)
+            except RollBack as rollback:
+                state = _rewind(chain, before, rollback)
+            else:
+                state = None
+        if state is not None:
+            input_ids, step_ids, step_mask, seen_mask, unfinished = (
+                state.input_ids, state.step_ids, state.step_mask, state.seen_mask, state.unfinished)
+            if state.rng is not None:
+                rng.set_state(state.rng)
+            continue
+        logits = await head.next_token_logits(hidden[:, -1:])  # [batch, vocab] float32, our own copy
         with torch.inference_mode():
-            logits = head.logits(hidden[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
             scores = processors(input_ids, logits)
         if config.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         if eos is not None:
@@ -150,10 +213,19 @@ async def generate_with_chain(head: ClientHead, chain: SpanChain, input_ids: tor
             streamer.put(next_tokens.cpu())
         if eos is not None:
             unfinished = unfinished & ~torch.isin(next_tokens, eos)
-            if unfinished.max() == 0:
-                break
         step_ids, step_mask = next_tokens[:, None], torch.ones_like(next_tokens[:, None])
         seen_mask = torch.cat([seen_mask, step_mask], dim=-1)
+        if not rewinds:
+            before.append(None)  # only counted
     if streamer is not None:
         streamer.end()
     return input_ids
+
+
+def _rewind(chain, before: list[_Before], rollback: RollBack) -> _Before:
+    """Drop every generation step whose chain history reaches the bad step; the state to resume."""
+    while len(before) > 1 and before[-1].history > rollback.step:
+        before.pop()
+    state = before.pop()
+    chain.rewind(state.history)
+    return state

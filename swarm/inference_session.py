@@ -21,10 +21,12 @@ from libp2p.peer.id import ID
 
 from molink.dht.host import connect_peer, with_peer_id
 from molink.dht.direct import framed_data_stream, open_data_stream, release_data_stream
+from molink.dht.codec_policy import DEFAULT_COMPRESSION, encode_hidden
 from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
 from molink.swarm.routing import RouteHop
+from molink.swarm.spot_check import TappedStep
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ HEARTBEAT_TIMEOUT = 5.0
 OPEN_TIMEOUT = 15.0  # all hops answer `open`
 CONNECT_TIMEOUT = 3.0  # per hop: a frozen peer still completes TCP handshakes, never Noise
 DEFAULT_STEP_TIMEOUT = 120.0
-WIRE_CODEC = "raw"
+TAP_TIMEOUT = 10.0  # a hop's tap trails the last hop's result by a push at most
 
 
 class InferenceError(Exception):
@@ -65,7 +67,8 @@ def _as_inference_error(exc: BaseException) -> InferenceError:
 class RemoteSession:
     def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
                  hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT,
-                 on_closed=None, direct: bool = True):
+                 on_closed=None, direct: bool = True, tap: bool = False,
+                 compression: str = DEFAULT_COMPRESSION):
         self.host = host
         self.route = route
         self.model_key = model_key
@@ -82,6 +85,12 @@ class RemoteSession:
         self._step = 0
         self._failure: Exception | None = None
         self.on_closed = on_closed  # called once with this session when it ends, however it ends
+        self.compression = compression  # hidden states' codec, ours and every hop's (molink.dht.codec_policy)
+        # tapped (spot checks, swarm/spot_check.py): every hop's input and output of every step
+        self.tap = tap
+        self.tapped: list[TappedStep] = []
+        self._sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (hop 0 input, mask) until tapped
+        self._taps: dict[tuple[int, int], Frame] = {}  # (hop, step) -> tap frame that came early
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,7 +175,7 @@ class RemoteSession:
                 following = self.route[index + 1]
                 nxt = p.NextHop(following.peer_id, list(following.record.addrs), session_ids[index + 1])
             request = p.OpenRequest(session_ids[index], self.model_key, hop.start, hop.end, self.batch_size,
-                                    self.max_length, nxt)
+                                    self.max_length, nxt, tap=self.tap, compression=self.compression)
             await stream.send(Frame(p.OPEN, index + 1, request.to_body()))
         waiting = set(range(len(self.route)))
         with trio.fail_after(OPEN_TIMEOUT):
@@ -201,6 +210,10 @@ class RemoteSession:
                 hop, event = await self._next_event()
                 if hop == index and event.type == frame_type and (step is None or event.body.get("step") == step):
                     return event
+                tapped_step = event.body.get("step")
+                if event.type == p.TAP and type(tapped_step) is int and tapped_step in self._sent \
+                        and hop < len(self.route) - 1:
+                    self._taps[(hop, tapped_step)] = event  # bounded: hops x steps in flight
                 # anything else is stale (a late answer to an earlier, failed step): drop it
 
     async def _next_event(self) -> tuple[int, Frame]:
@@ -222,13 +235,21 @@ class RemoteSession:
             raise InferenceError(f"session is closed ({self._failure})")
         self._step += 1
         step = self._step
-        mask = encode_tensor(new_mask.to(torch.int64), codec="raw")
         try:
             if self.relay:
-                for index, stream in enumerate(self.streams):
-                    hidden_states = await self._send_and_wait(index, index, step, hidden_states, mask, relay=True)
+                replies = []
+                for index in range(len(self.streams)):
+                    hidden_states, reply = await self._send_and_wait(index, index, step, hidden_states, new_mask,
+                                                                     relay=True)
+                    replies.append((reply, hidden_states))
+                if self.tap:
+                    self._record_relayed(step, replies)
                 return hidden_states
-            return await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, mask, relay=False)
+            out, reply = await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, new_mask,
+                                                   relay=False)
+            if self.tap:
+                await self._record_pushed(step, reply, out)
+            return out
         except trio.TooSlowError:
             raise InferenceError(f"step {step} got no answer within {self.step_timeout} s") from None
 
@@ -244,32 +265,75 @@ class RemoteSession:
         try:
             for hidden, mask in items:
                 self._step += 1
-                body = {"step": self._step, "hidden": encode_tensor(hidden, codec=WIRE_CODEC),
-                        "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": False}
+                body = self._step_body(self._step, hidden, mask, relay=False)
                 try:
                     await self.streams[0].send(Frame(p.STEP, self._step, body))
                 except STREAM_ERRORS as exc:
                     raise InferenceError(f"peer {self.route[0].peer_id} failed: {exc}", self.route[0].peer_id) from exc
                 sent.append((self._step, hidden.shape[1]))
             last = len(self.streams) - 1
-            outputs = []
+            answers = []
             for step, new_tokens in sent:
                 reply = await self._expect(last, p.RESULT, self.step_timeout, step)
-                outputs.append(self._checked_hidden(reply, last, new_tokens))
-            return outputs
+                answers.append((step, reply, self._checked_hidden(reply, last, new_tokens)))
+            if self.tap:  # after every result: a result must never arrive while we wait for a tap
+                for step, reply, out in answers:
+                    await self._record_pushed(step, reply, out)
+            return [out for _, _, out in answers]
         except trio.TooSlowError:
             raise InferenceError(f"steps {sent[0][0]}..{sent[-1][0]} got no answer within {self.step_timeout} s") from None
 
+    def _step_body(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, relay: bool, send_to: int = 0) -> dict:
+        body = {"step": step, "hidden": encode_hidden(hidden, self.compression, self.streams[send_to]),
+                "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": relay}
+        if self.tap and (not relay or step not in self._sent):  # what hop 0 decodes, exactly
+            self._sent[step] = (decode_tensor(body["hidden"], p.PEER_WIRE_LIMITS), mask.long())
+        return body
+
     async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,
-                             mask: dict, relay: bool) -> torch.Tensor:
-        body = {"step": step, "hidden": encode_tensor(hidden, codec=WIRE_CODEC), "mask": mask, "relay": relay}
+                             mask: torch.Tensor, relay: bool) -> tuple[torch.Tensor, Frame]:
+        body = self._step_body(step, hidden, mask, relay, send_to)
         try:
             await self.streams[send_to].send(Frame(p.STEP, step, body))
         except STREAM_ERRORS as exc:
             peer_id = self.route[send_to].peer_id
             raise InferenceError(f"peer {peer_id} failed: {exc}", peer_id) from exc
         reply = await self._expect(answer_from, p.RESULT, self.step_timeout, step)
-        return self._checked_hidden(reply, answer_from, hidden.shape[1])
+        return self._checked_hidden(reply, answer_from, hidden.shape[1]), reply
+
+    # ------------------------------------------------------------------ taps (spot checks)
+
+    async def _record_pushed(self, step: int, last_reply: Frame, last_output: torch.Tensor) -> None:
+        """Every hop's output of a pushed step: the non-last hops' taps, then the result."""
+        first_input, mask = self._sent[step]  # kept until every tap is in: they may come in any order
+        outputs, digests = [], []
+        for hop in range(len(self.route) - 1):
+            frame = self._taps.pop((hop, step), None)
+            if frame is None:
+                with trio.move_on_after(TAP_TIMEOUT):
+                    frame = await self._expect(hop, p.TAP, TAP_TIMEOUT, step)
+            if frame is None:
+                peer_id = self.route[hop].peer_id
+                raise InferenceError(f"peer {peer_id} sent no tap for step {step}", peer_id, p.BAD_REQUEST)
+            outputs.append(self._checked_hidden(frame, hop, mask.shape[1]))
+            digests.append(self._checked_digest(frame, hop))
+        outputs.append(last_output)
+        digests.append(self._checked_digest(last_reply, len(self.route) - 1))
+        del self._sent[step]
+        self.tapped.append(TappedStep(mask, [first_input, *outputs[:-1]], outputs, digests))
+
+    def _record_relayed(self, step: int, replies: list[tuple[Frame, torch.Tensor]]) -> None:
+        first_input, mask = self._sent.pop(step)
+        outputs = [out for _, out in replies]
+        digests = [self._checked_digest(reply, hop) for hop, (reply, _) in enumerate(replies)]
+        self.tapped.append(TappedStep(mask, [first_input, *outputs[:-1]], outputs, digests))
+
+    def _checked_digest(self, frame: Frame, index: int) -> bytes:
+        digest = frame.body.get("in_digest")
+        if not isinstance(digest, bytes) or len(digest) != 16:
+            peer_id = self.route[index].peer_id
+            raise InferenceError(f"peer {peer_id} did not name the input of a tapped step", peer_id, p.BAD_REQUEST)
+        return digest
 
     def _checked_hidden(self, reply: Frame, index: int, new_tokens: int) -> torch.Tensor:
         peer_id = self.route[index].peer_id

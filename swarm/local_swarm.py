@@ -46,7 +46,8 @@ class PeerProcess:
 
 class LocalSwarm:
     def __init__(self, model_dir: str | Path, spans: list[tuple[int, int]], *, workdir: str | Path | None = None,
-                 torch_threads: int = 1, extra_args: list[str] | None = None, env: dict | None = None):
+                 torch_threads: int = 1, extra_args: list[str] | None = None, env: dict | None = None,
+                 swarm_key: str | Path | None = None):
         self.model_dir = str(model_dir)
         self.spans = spans
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="molink-swarm-"))
@@ -54,6 +55,8 @@ class LocalSwarm:
         self.torch_threads = torch_threads
         self.extra_args = extra_args or []
         self.env = env or {}
+        # a private swarm: every process (bootstrap and peers) gets --swarm-key with this file
+        self.swarm_key = None if swarm_key is None else str(swarm_key)
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
 
@@ -67,8 +70,10 @@ class LocalSwarm:
         ready.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1",
                **self.env, **(extra_env or {})}
+        key_args = ["--swarm-key", self.swarm_key] if self.swarm_key else []
         with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "molink.peer.cli", *args, "--ready-file", str(ready)],
+            process = subprocess.Popen([sys.executable, "-m", "molink.peer.cli", *args, *key_args,
+                                        "--ready-file", str(ready)],
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return PeerProcess(name, process, ready, log, blocks)
 

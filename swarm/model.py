@@ -19,6 +19,9 @@ from molink.peer.checkpoint import load_config, resolve_model_dir
 from molink.peer.span import SpanModel
 from molink.swarm.client_head import load_client_head
 from molink.swarm.generation import SpanChain, generate_with_chain, max_new_tokens_of, merged_generation_config
+from molink.swarm.head_batcher import HeadBatcher
+from molink.swarm.micro_batches import check_setting, generate_in_micro_batches, micro_batch_count
+from molink.swarm.pipeline_cost import ASSUMED_LINK_RATE
 
 
 class SwarmModelBase(ABC):
@@ -27,6 +30,12 @@ class SwarmModelBase(ABC):
         self.config = load_config(model_dir)
         self.dtype = dtype
         self.head = load_client_head(model_dir, dtype=dtype)
+        # concurrent generations (API requests, micro-batches) share one lm_head forward per step
+        self.head_batcher = HeadBatcher(self.head)
+        # one generate call's batch split into sessions pipelined along the route (micro_batches.py):
+        # 1 = never, an int = that many, "auto" = what pipeline_cost.py expects to be fastest
+        self.micro_batches: int | str = 1
+        self.link_rate = ASSUMED_LINK_RATE  # bytes/s the "auto" rule assumes per link
         try:
             self.generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
         except OSError:
@@ -40,20 +49,34 @@ class SwarmModelBase(ABC):
     def _run(self, async_fn, *args):
         """Run `async_fn(*args)` to completion on the event loop this model uses."""
 
+    async def planned_route(self, batch_size: int, max_length: int) -> list | None:
+        """The route a session of this shape would take now, for sizing micro-batches; None when
+        the spans do not run concurrently (in this process)."""
+        return None
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 streamer=None, **options) -> torch.Tensor:
-        """Same contract as transformers' `generate` for the options in SUPPORTED_OPTIONS."""
+                 streamer=None, micro_batches: int | str | None = None, **options) -> torch.Tensor:
+        """Same contract as transformers' `generate` for the options in SUPPORTED_OPTIONS.
+
+        micro_batches: split the batch into that many pipelined sessions ("auto": the cost rule
+        of swarm/pipeline_cost.py; default: `self.micro_batches`); greedy decoding only."""
         if input_ids.dim() != 2:
             raise ValueError("input_ids must be [batch, prompt length]")
         config = merged_generation_config(self.generation_config, **options)
-        return self._run(self.generate_async, input_ids, attention_mask, config, streamer)
+        if micro_batches is not None:
+            check_setting(micro_batches)
+        return self._run(self.generate_async, input_ids, attention_mask, config, streamer, micro_batches)
 
     async def generate_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             config, streamer=None) -> torch.Tensor:
+                             config, streamer=None, micro_batches: int | str | None = None) -> torch.Tensor:
         max_length = input_ids.shape[1] + max_new_tokens_of(config, input_ids.shape[1])
+        setting = self.micro_batches if micro_batches is None else micro_batches
+        k = await micro_batch_count(self, setting, input_ids.shape[0], max_length, config, streamer)
+        if k > 1:
+            return await generate_in_micro_batches(self, input_ids, attention_mask, config, k, max_length)
         chain = await self.open_chain(input_ids.shape[0], max_length)
         try:
-            return await generate_with_chain(self.head, chain, input_ids, attention_mask, config, streamer)
+            return await generate_with_chain(self.head_batcher, chain, input_ids, attention_mask, config, streamer)
         finally:
             await chain.close()
 

@@ -34,6 +34,7 @@ DEFAULT_RTT = 0.010  # seconds, for a peer we have never measured
 RELAY_PENALTY = 0.020  # seconds per relayed hop
 MIN_THROUGHPUT = 1e-3
 JITTER = 0.05
+LIAR_BAN = 3600.0  # seconds: a peer that lied once is not asked again for an hour
 
 
 class NoRouteError(Exception):
@@ -59,6 +60,7 @@ class BanList:
     cap: float = 300.0
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
+    liars: set[str] = field(default_factory=set)  # caught lying at least once (never forgiven)
 
     def avoid(self, peer_id: str, seconds: float, now: float | None = None) -> None:
         """Keep away from a peer for a moment without counting a strike (it said "busy")."""
@@ -73,8 +75,23 @@ class BanList:
         self._until[peer_id] = now + duration
         return duration
 
+    def ban_liar(self, peer_id: str, now: float | None = None) -> float:
+        """A peer caught returning wrong outputs (swarm/spot_check.py): out for LIAR_BAN seconds."""
+        now = time.monotonic() if now is None else now
+        self._strikes[peer_id] = self._strikes.get(peer_id, 0) + 1
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), now + LIAR_BAN)
+        self.liars.add(peer_id)
+        return LIAR_BAN
+
+    def struck(self, now: float | None = None) -> set[str]:
+        """Banned for failing or lying (not merely avoided while busy): asked for nothing."""
+        now = time.monotonic() if now is None else now
+        return {peer for peer, until in self._until.items() if until > now and peer in self._strikes}
+
     def forgive(self, peer_id: str) -> None:
-        """A peer that served a whole session well starts from a clean slate."""
+        """A peer that served a whole session well starts from a clean slate (a liar does not)."""
+        if peer_id in self.liars:
+            return
         self._strikes.pop(peer_id, None)
         self._until.pop(peer_id, None)
 
@@ -104,11 +121,13 @@ def is_relayed(record: SpanRecord) -> bool:
 
 def make_route(records: list[SpanRecord], num_blocks: int, *, banned: set[str] = frozenset(),
                rtts: dict[str, float] | None = None, load: dict[str, int] | None = None,
-               min_free_tokens: int = 0, rng: random.Random | None = None, relay: bool = False) -> list[RouteHop]:
+               min_free_tokens: int = 0, rng: random.Random | None = None, relay: bool = False,
+               punched: set[str] | frozenset[str] = frozenset()) -> list[RouteHop]:
     """The cheapest chain of hops covering blocks [0, num_blocks).
 
     rtts: the client's own round trips to peers (seconds); load: sessions this client runs on each
-    peer; relay: plan for a client that relays every hop (RemoteSession(relay=True)).
+    peer; relay: plan for a client that relays every hop (RemoteSession(relay=True)); punched: peers
+    announcing only relayed addresses whose data channel the client hole-punched (no relay penalty).
     """
     rtts, load, rng = rtts or {}, load or {}, rng or random
     usable = [r for r in records if r.peer_id not in banned and r.end > r.start and r.addrs
@@ -123,7 +142,7 @@ def make_route(records: list[SpanRecord], num_blocks: int, *, banned: set[str] =
     reach = client_rtt if relay else [rtt / 2 for rtt in client_rtt]
     back = [0.0] * n if relay else reach  # relay: the round trip above already came back
     per_block = [(1 + r.sessions + load.get(r.peer_id, 0)) / max(r.throughput, MIN_THROUGHPUT) for r in usable]
-    penalty = [RELAY_PENALTY if is_relayed(r) else 0.0 for r in usable]
+    penalty = [RELAY_PENALTY if is_relayed(r) and r.peer_id not in punched else 0.0 for r in usable]
     jitter = [1 + JITTER * rng.random() for _ in usable]
     covering: list[list[int]] = [[] for _ in range(num_blocks)]
     for q in range(n):

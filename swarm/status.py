@@ -9,6 +9,7 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode
 
 from molink.crypto.identity import Identity
+from molink.crypto.swarm_key import SwarmKey
 from molink.dht.host import running_host
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import SpanRecord
@@ -23,11 +24,12 @@ INFO_TIMEOUT = 3.0
 def render_table(records: list[SpanRecord], num_blocks: int, now: float | None = None) -> str:
     now = time.time() if now is None else now
     width = min(num_blocks, 60)
-    lines = [f"{'peer':<14} {'blocks':<10} {'map':<{width}}  {'tput':>8} {'free cache':>10} {'expires':>8}  addrs"]
+    lines = [f"{'peer':<14} {'blocks':<10} {'map':<{width}}  {'tput':>8} {'free cache':>10} {'expires':>8}  {'reach':<8} addrs"]
     for r in sorted(records, key=lambda r: (r.start, r.end)):
         cells = "".join("#" if r.start <= i * num_blocks // width < r.end else "." for i in range(width))
         lines.append(f"{r.peer_id[-12:]:<14} {f'{r.start}:{r.end}':<10} {cells}  {r.throughput:>8.0f} "
-                     f"{r.free_cache_tokens:>10} {r.expires_at - now:>7.0f}s  {r.addrs[0] if r.addrs else '-'}")
+                     f"{r.free_cache_tokens:>10} {r.expires_at - now:>7.0f}s  {r.reachability:<8} "
+                     f"{r.addrs[0] if r.addrs else '-'}")
     gaps = coverage_gaps(records, num_blocks)
     if gaps:
         lines.append("GAPS (no peer serves these blocks): " + ", ".join(f"{a}:{b}" for a, b in gaps))
@@ -54,9 +56,9 @@ async def _peer_infos(host, dht: SwarmDHT) -> list[dict]:
     return infos
 
 
-async def collect_status(initial_peers: list[str], model_dir: Path | None):
+async def collect_status(initial_peers: list[str], model_dir: Path | None, swarm_key: SwarmKey | None = None):
     identity = Identity.generate()
-    async with running_host(identity.keypair) as host:
+    async with running_host(identity.keypair, swarm_key=swarm_key) as host:
         dht = SwarmDHT(host, identity, mode=DHTMode.CLIENT)
         async with dht.running():
             if await dht.bootstrap(initial_peers) == 0:
@@ -70,8 +72,8 @@ async def collect_status(initial_peers: list[str], model_dir: Path | None):
             return None, None, await _peer_infos(host, dht)
 
 
-def print_status(initial_peers: list[str], model_dir: Path | None) -> int:
-    key, num_blocks, found = trio.run(collect_status, initial_peers, model_dir)
+def print_status(initial_peers: list[str], model_dir: Path | None, swarm_key: SwarmKey | None = None) -> int:
+    key, num_blocks, found = trio.run(collect_status, initial_peers, model_dir, swarm_key)
     if key is not None:
         print(f"model {model_dir} (key {key}), {num_blocks} blocks")
         print(render_table(found, num_blocks))

@@ -43,14 +43,15 @@ def peer_id_of(peer) -> str:
 
 
 def test_faulty_peers_over_real_processes(tiny_llama):
-    """A lying peer changes the output (nothing verifies yet: issue #10's spot checks will); a
-    peer that hangs up on every step is routed around and the output stays exact."""
+    """A lying peer changes the output when nothing verifies (spot checks off); a peer that hangs
+    up on every step is routed around and the output stays exact."""
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train(False)
     ids, mask = prompts(1, seed=4)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     with LocalSwarm(tiny_llama, [(0, 3)]) as swarm:
         liar = swarm.add_peer((3, 6), name="liar", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"})
-        with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:
+        # spot checks off: this shows the fault is real (tests/test_spot_check.py shows them catch it)
+        with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
             lied = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         assert not torch.equal(lied, expected)
         assert "FAULT INJECTION ON" in liar.log_file.read_text()

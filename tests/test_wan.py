@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from wan_bed import PREFIX, WanBed  # noqa: E402
+from tests.netns import namespaces_unavailable, our_namespaces as namespaces_in_use  # noqa: E402
 
 
 def _unavailable() -> str | None:
@@ -32,12 +33,7 @@ def _unavailable() -> str | None:
         return "the WAN bed needs iproute2's `ip`"
     if not os.path.exists("/dev/net/tun"):
         return "the WAN bed needs /dev/net/tun"
-    probe = f"{PREFIX}{os.getpid()}-canary"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode:
-        return f"cannot create network namespaces: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
-    return None
+    return namespaces_unavailable(PREFIX)
 
 
 REASON = _unavailable()
@@ -45,8 +41,7 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 def our_namespaces() -> list[str]:
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.startswith(f"{PREFIX}{os.getpid()}-")]
+    return namespaces_in_use(PREFIX)
 
 
 def alive(pid: int) -> bool:

@@ -5,7 +5,8 @@ through the swarm for the request, runs `generate_with_chain` in a task of its o
 new tokens back through a memory channel, where they are turned into text deltas (stop strings
 held back and cut) for the caller. Concurrent requests are separate swarm sessions, which the
 peers batch together (continuous batching in peer/scheduler.py); the engine only bounds how many
-run at once (429 past that) and how long each may take (504).
+run at once (429 past that) and how long each may take (504). On the client, their lm_head steps
+share one batched forward (swarm/head_batcher.py), off the event loop.
 """
 
 from __future__ import annotations
@@ -112,36 +113,6 @@ class TextAssembler:
                     best = n
                     break
         return best
-
-
-class _PrivateRng:
-    """Gives a seeded request its own torch RNG stream on a loop shared with other requests.
-
-    `generate_with_chain` samples from torch's global generator right after each chain step
-    returns, with no await in between; the chain wrapper installs this request's state when its
-    step returns and the streamer saves it after the token is sampled. So other requests' draws
-    never interleave, and the tokens equal `torch.manual_seed(seed); model.generate(...)`.
-    """
-
-    def __init__(self, chain, seed: int):
-        self.chain = chain
-        self.state = torch.Generator().manual_seed(seed).get_state()
-        self.outside = self.state
-
-    async def step(self, hidden_states, new_mask):
-        out = await self.chain.step(hidden_states, new_mask)
-        self.outside = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-        return out
-
-    def save(self) -> None:
-        """After the draw: keep our state, give everyone else theirs back (unseeded requests must
-        not continue from a stream a client chose)."""
-        self.state = torch.get_rng_state()
-        torch.set_rng_state(self.outside)
-
-    async def close(self) -> None:
-        await self.chain.close()
 
 
 class _ChannelStreamer:
@@ -258,11 +229,12 @@ class Engine:
     async def _produce(self, job: Job, send: trio.MemorySendChannel, result: Result, outcome: dict) -> None:
         input_ids = torch.tensor([job.input_ids], dtype=torch.long)
         config = merged_generation_config(self.model.generation_config, **job.options())
-        chain = rng = None
+        chain = None
+        # a seeded request draws from a generator of its own: the tokens of torch.manual_seed(seed) +
+        # generate, whatever the other requests on this loop draw meanwhile (unseeded ones share torch's)
+        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None and job.temperature > 0 else None
 
         def on_token() -> None:
-            if rng is not None:
-                rng.save()
             if result.first_token_at is None:
                 result.first_token_at = time.monotonic()
                 result.route = _route_of(chain)
@@ -270,9 +242,8 @@ class Engine:
         async with send:
             try:
                 chain = await self.model.open_chain(1, len(job.input_ids) + job.max_new_tokens)
-                rng = _PrivateRng(chain, job.seed) if job.seed is not None and job.temperature > 0 else None
-                await generate_with_chain(self.model.head, rng or chain, input_ids, None, config,
-                                          _ChannelStreamer(send, on_token))
+                await generate_with_chain(self.model.head_batcher, chain, input_ids, None, config,
+                                          _ChannelStreamer(send, on_token), generator=generator)
             except Exception as exc:  # the swarm failed us: say so in the HTTP answer
                 outcome["error"] = swarm_error(exc)
             finally:

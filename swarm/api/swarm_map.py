@@ -94,12 +94,15 @@ class SwarmMap:
 
     def _peer_entry(self, record, info: dict | None) -> dict:
         now = time.time()
-        banned = getattr(self.model, "bans", None)
-        banned = banned.banned() if banned is not None else set()
+        bans = getattr(self.model, "bans", None)
+        banned = bans.banned() if bans is not None else set()
+        liars = bans.liars if bans is not None else set()
         own_rtt = getattr(self.model, "rtts", {}).get(record.peer_id)
         published = list(record.next_rtt_map.values())
         latency = own_rtt if own_rtt is not None else (min(published) if published else None)
-        if record.peer_id in banned:
+        if record.peer_id in liars:
+            state = "caught lying"  # a spot check proved it (swarm/spot_check.py): shown to every visitor
+        elif record.peer_id in banned:
             state = "banned"  # failed one of our sessions recently (swarm/failover.py)
         elif info is None:
             state = "no answer"
@@ -114,6 +117,7 @@ class SwarmMap:
                 round(1000 * latency, 2), "latency_source": "client" if own_rtt is not None else
                 ("peer" if published else None), "state": state,
                 "reachability": "relayed" if is_relayed(record) else "direct", "addrs": list(record.addrs),
+                "dialback": record.reachability,  # public | private | unknown (dht/reachability.py)
                 "sessions": info.get("sessions") if info else record.sessions,
                 "steps": info.get("steps") if info else None,
                 "free_cache_tokens": info.get("free_cache_tokens") if info else record.free_cache_tokens,

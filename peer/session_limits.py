@@ -1,0 +1,143 @@
+"""Caps on what one client, one connection and one session may take from a peer.
+
+The KV-cache budget (memory_cache.py) already stops a peer from promising memory it lacks, and
+idle sessions already time out; these caps close the rest of the ways a stranger could crowd
+out everyone else (issue #10):
+
+- sessions per client: one peer id may hold at most `max_sessions_per_client` sessions, so a
+  single attacker cannot take all `max_sessions` slots;
+- session opens in progress: a stream that has not finished opening (waiting for its `open`
+  frame, or dialling the next hop, up to 10 s) costs a task and maybe an outgoing dial: at most
+  `max_pending_opens_per_client` per client and `max_pending_opens` in all, the rest refused at once;
+- tokens per session (`max_session_tokens`, batch x max_length): optional; off, a session may
+  take the whole cache budget, as before;
+- bytes per request: a stream may send only a small `open` frame until its session exists;
+  then its frames and its receive queue are bounded by what the session can legitimately send
+  (its batch x max_length hidden states), not by the 160 MB protocol maximum;
+- session duration: `max_session_seconds` from open, however busy the session keeps itself.
+
+Every refusal is an `error` frame: code `busy` (the client tries another replica, no ban) or
+`session_expired`, with `limit` naming the cap that was hit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from molink.dht.wire import WireLimits
+from molink.peer import protocol as p
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    # The registry's old fixed cap; one handler task + a stream per session, ~100 KB each.
+    max_sessions: int = 256
+    # The HTTP endpoint (one client id) runs 8 generations at once by default, each one session
+    # per hop, plus spot-check verifiers; benchmarks drive 64. Four ids are needed to fill a peer.
+    max_sessions_per_client: int = 64
+    # None: a session may reserve the whole cache budget (it is refused when that is taken).
+    max_session_tokens: int | None = None
+    # 4 h: 10 tokens/s for 4 h is 144k tokens, past any context length we serve.
+    max_session_seconds: float = 4 * 3600.0
+    # Opens take milliseconds unless the next hop is slow to dial (up to 2 x 5 s); a burst of
+    # a client's concurrent generations fits in 32; 128 in all keeps outgoing dials bounded.
+    max_pending_opens_per_client: int = 32
+    max_pending_opens: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_sessions_per_client", "max_pending_opens_per_client",
+                     "max_pending_opens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_session_tokens is not None and self.max_session_tokens < 1:
+            raise ValueError("max_session_tokens must be at least 1 (or None: no cap)")
+        if not self.max_session_seconds > 0:
+            raise ValueError("max_session_seconds must be positive")
+
+
+class LimitExceeded(p.ProtocolError):
+    """A cap was hit; `limit` names it (it travels in the error frame)."""
+
+    def __init__(self, limit: str, message: str, code: str = p.BUSY):
+        super().__init__(code, f"limit {limit}: {message}")
+        self.limit = limit
+
+
+# An `open` frame is ~1 KB (16 next-hop addresses of < 512 chars at most): nothing bigger may
+# arrive before the session exists, and nothing may pile up behind it.
+OPEN_WIRE_LIMITS = WireLimits(max_frame_bytes=64 * 1024, max_tensor_bytes=64 * 1024)
+OPEN_MAX_QUEUED_BYTES = 256 * 1024
+FRAME_SLACK_BYTES = 1 << 20  # msgpack envelope, step fields, a tap digest: far below this
+
+
+def session_frame_bytes(batch_size: int, max_length: int, hidden_size: int) -> int:
+    """The most one frame of a session can legitimately carry: all its tokens' hidden states at
+    4 bytes (fp32, the widest dtype accepted) and their int64 mask, plus framing slack."""
+    most = batch_size * max_length * (hidden_size * 4 + 8) + FRAME_SLACK_BYTES
+    return min(most, p.PEER_WIRE_LIMITS.max_frame_bytes)
+
+
+def raise_stream_limits(framed: Any, batch_size: int, max_length: int, hidden_size: int) -> None:
+    """Once a session exists, let its stream carry what the session needs (and no more).
+
+    FramedStream reads `limits` and `max_queued_bytes` per frame, so this applies to the next
+    frame; clients send steps only after `opened`, which is sent after this.
+    """
+    frame_bytes = session_frame_bytes(batch_size, max_length, hidden_size)
+    limits = p.PEER_WIRE_LIMITS
+    framed.limits = WireLimits(max_frame_bytes=frame_bytes,
+                               max_tensor_bytes=min(frame_bytes, limits.max_tensor_bytes),
+                               max_ndim=limits.max_ndim, max_str_len=limits.max_str_len,
+                               max_array_len=limits.max_array_len, max_map_len=limits.max_map_len)
+    # Steps queued at once all count against the session's room: together they fit one frame's
+    # bound; twice that leaves room for framing and a client that pipelines a little ahead.
+    framed.max_queued_bytes = 2 * frame_bytes
+
+
+def client_of(framed: Any) -> str | None:
+    """The remote peer id of a framed stream: from libp2p's Noise-authenticated connection, or
+    the peer a direct channel's ticket was issued to; None if unknown (then only global caps apply)."""
+    stream = getattr(framed, "stream", None)
+    conn = getattr(stream, "muxed_conn", None)
+    peer_id = getattr(conn, "peer_id", None)
+    if peer_id is not None:
+        return str(peer_id)
+    remote = getattr(stream, "remote_peer", None)
+    return remote if isinstance(remote, str) else None
+
+
+class OpenGate:
+    """Counts session opens in progress, in all and per client; over a cap, refuses at once."""
+
+    def __init__(self, limits: SessionLimits):
+        self.limits = limits
+        self.pending = 0
+        self.per_client: Counter[str] = Counter()
+        self.refused = 0
+
+    @contextmanager
+    def opening(self, client: str | None) -> Iterator[None]:
+        if self.pending >= self.limits.max_pending_opens:
+            self.refused += 1
+            raise LimitExceeded("pending_opens", f"{self.pending} session opens already in progress on "
+                                                 "this peer; try again or another replica")
+        if client is not None and self.per_client[client] >= self.limits.max_pending_opens_per_client:
+            self.refused += 1
+            raise LimitExceeded("pending_opens_per_client",
+                                f"you already have {self.per_client[client]} session opens in progress here "
+                                f"(max {self.limits.max_pending_opens_per_client})")
+        self.pending += 1
+        if client is not None:
+            self.per_client[client] += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            if client is not None:
+                self.per_client[client] -= 1
+                if self.per_client[client] <= 0:
+                    del self.per_client[client]
