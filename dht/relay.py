@@ -168,9 +168,11 @@ class RelayService:
     async def _reserve(self, stream: Any) -> None:
         peer, ip = stream.muxed_conn.peer_id, remote_ip(stream)
         self._expire()
-        if peer not in self.reservations:
-            same_ip = sum(r.ip == ip for r in self.reservations.values())
-            if len(self.reservations) >= self.limits.max_reservations or same_ip >= self.limits.max_reservations_per_ip:
+        existing = self.reservations.get(peer)
+        if existing is None or existing.ip != ip:  # a renewal from a new IP takes a slot of that IP
+            same_ip = sum(r.ip == ip for p, r in self.reservations.items() if p != peer)
+            if (existing is None and len(self.reservations) >= self.limits.max_reservations) \
+                    or same_ip >= self.limits.max_reservations_per_ip:
                 self.stats["refused"] += 1
                 await write_control(stream, REFUSED, {"reason": "no reservation slot free"})
                 return
@@ -182,7 +184,12 @@ class RelayService:
 
     async def _connect(self, stream: Any, body: dict) -> None:
         source = stream.muxed_conn.peer_id
-        target = _peer_id(body.get("peer"))
+        try:
+            target = _peer_id(body.get("peer"))
+        except ControlError:
+            self.stats["refused"] += 1
+            await write_control(stream, REFUSED, {"reason": "bad peer id"})
+            return
         self._expire()
         reservation = self.reservations.get(target)
         reason = None

@@ -99,7 +99,7 @@ class FailoverChain:
     def _give_up(self, failures: list[InferenceError], last: Exception) -> InferenceError:
         """The error the caller sees: say "busy" when that is why, not just "no route"."""
         busy = [f for f in failures if f.code == p.BUSY]
-        if busy or str(last).startswith("busy"):
+        if busy or str(last).startswith("busy") or (isinstance(last, NoRouteError) and self.bans.resting()):
             reason = busy[-1] if busy else last
             return InferenceError(f"the swarm is busy (no KV-cache room): {reason}", getattr(reason, "peer_id", None),
                                   p.BUSY)

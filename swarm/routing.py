@@ -75,6 +75,12 @@ class BanList:
         self._until[peer_id] = now + duration
         return duration
 
+    def resting(self, now: float | None = None) -> set[str]:
+        """Avoided right now only because they said "busy" (no strike): a route that needs them
+        failed for lack of room, not for lack of peers."""
+        now = time.monotonic() if now is None else now
+        return {peer for peer, until in self._until.items() if until > now and peer not in self._strikes}
+
     def ban_liar(self, peer_id: str, now: float | None = None) -> float:
         """A peer caught returning wrong outputs (swarm/spot_check.py): out for LIAR_BAN seconds."""
         now = time.monotonic() if now is None else now

@@ -164,12 +164,13 @@ async def test_forged_and_expired_records_are_refused() -> None:
             recorders = [RecordingValidator() for _ in honest]
             for node, recorder in zip(honest, recorders):
                 node.dht.dht.register_validator(NAMESPACE, recorder)
+            victim = peers[0]
+            replayable = victim.record(0, 2).sign(victim.identity)  # genuine, unexpired, soon outdated
             for i, peer in enumerate(peers):
                 await peer.dht.announce(peer.record(4 * i, 4 * i + 4))
             evil = await nodes.add(boot.addrs)
             # Mallory's own node accepts anything, so her puts really go out on the wire.
             evil.dht.dht.register_validator(NAMESPACE, BlankValidator())
-            victim = peers[0]
 
             # 1. Hijack: victim's id and key, Mallory's addresses, a higher seq, her signature.
             hijack = replace(victim.record(0, 12), addrs=tuple(evil.addrs)).to_dict()
@@ -185,6 +186,10 @@ async def test_forged_and_expired_records_are_refused() -> None:
             await evil.dht.dht.provider_store.provide(provider_key(MODEL,
                                                                    provider_shard(evil.peer_id)))
 
+            # 4. Replay: the victim's own older record (valid signature, lower seq) put again;
+            #    libp2p's store keeps the higher seq (our validator's `select`).
+            await evil.dht.dht.put_value(value_key(MODEL, victim.peer_id), replayable)
+
             # Refused on store, each for its own reason, by the honest nodes it reached ...
             refused = {t for r in recorders for t in r.refused}
             assert {BadSignature, ForgedRecord, RecordExpired} <= refused, refused
@@ -194,8 +199,9 @@ async def test_forged_and_expired_records_are_refused() -> None:
                 assert store.get(value_key(MODEL, evil.peer_id).encode()) is None
                 held = store.get(value_key(MODEL, victim.peer_id).encode())
                 if held is not None:
-                    held_record = msgpack.unpackb(held.value)["record"]
-                    assert SpanRecord.from_dict(held_record).addrs == tuple(victim.addrs)
+                    held_record = SpanRecord.from_dict(msgpack.unpackb(held.value)["record"])
+                    assert held_record.addrs == tuple(victim.addrs)
+                    assert (held_record.start, held_record.end) == (0, 4)  # the replay lost to the newer seq
             # Not returned by lookups, even though Mallory serves them from her own store.
             found = {r.peer_id: r for r in await client.dht.find_spans(MODEL)}
             assert set(found) == {p.peer_id for p in peers}
