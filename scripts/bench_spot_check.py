@@ -147,7 +147,7 @@ def main() -> None:
             rates = [float(r) for r in args.rates.split(",")]
             cost = measure_cost(swarm, model_dir, rates, args.generations, args.new_tokens)
             detection = measure_detection(swarm, model_dir, reference, args.detect_rate, args.detect_generations,
-                                          args.new_tokens)
+                                          args.new_tokens) if args.detect_generations > 0 else []
     print(f"\nSpot-check cost ({args.model}, {args.generations} generations x {args.new_tokens} tokens, batch 1, "
           f"2 hops, every hop has a replica)\n")
     print("| rate | ms/token | overhead vs off | audits | share of hop-tokens re-run |")
@@ -155,12 +155,13 @@ def main() -> None:
     for row in cost:
         print(f"| {row['rate']:g} | {row['ms_per_token']:.2f} | {row['overhead_pct']:+.1f} % | {row['audits']} | "
               f"{row['rerun_fraction']:.2f} |")
-    print(f"\nDetection per generation at rate {args.detect_rate:g} ({args.new_tokens} tokens each)\n")
-    print("| liar | generations caught | measured | predicted rate x P(lied) | outputs exact |")
-    print("|---|---|---|---|---|")
-    for row in detection:
-        print(f"| corrupts {100 * row['corrupt']:g} % | {row['caught']}/{row['generations']} | {row['detection']:.2f} | "
-              f"{row['predicted']:.2f} | {row['exact_outputs']}/{row['generations']} |")
+    if detection:
+        print(f"\nDetection per generation at rate {args.detect_rate:g} ({args.new_tokens} tokens each)\n")
+        print("| liar | generations caught | measured | predicted rate x P(lied) | outputs exact |")
+        print("|---|---|---|---|---|")
+        for row in detection:
+            print(f"| corrupts {100 * row['corrupt']:g} % | {row['caught']}/{row['generations']} | {row['detection']:.2f} | "
+                  f"{row['predicted']:.2f} | {row['exact_outputs']}/{row['generations']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "new_tokens": args.new_tokens, "cost": cost,
