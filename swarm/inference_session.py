@@ -287,7 +287,9 @@ class RemoteSession:
         body = {"step": step, "hidden": encode_hidden(hidden, self.compression, self.streams[send_to]),
                 "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": relay}
         if self.tap and (not relay or step not in self._sent):  # what hop 0 decodes, exactly
-            self._sent[step] = (decode_tensor(body["hidden"], p.PEER_WIRE_LIMITS), mask.long())
+            # a lossless codec gives hop 0 exactly `hidden`; only a lossy one needs decoding here
+            given = decode_tensor(body["hidden"], p.PEER_WIRE_LIMITS) if self.compression == "q8" else hidden
+            self._sent[step] = (given, mask.long())
         return body
 
     async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,

@@ -27,6 +27,7 @@ from molink.peer import protocol as p
 from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.span import SpanModel
+from tests.memory_streams import MemoryStream
 
 LONG = int(os.environ.get("MOLINK_FUZZ_EXAMPLES", "100000"))
 
@@ -138,26 +139,6 @@ def test_direct_channel_answers_any_bytes_with_a_channel_error():
 
 
 # ---------------------------------------------------------------------- the session handler
-
-
-class MemoryStream:
-    """The INetStream subset FramedStream uses, over one end of an in-memory stream pair."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.muxed_conn = None
-
-    async def read(self, n=None):
-        return await self.stream.receive_some(n)
-
-    async def write(self, data):
-        await self.stream.send_all(data)
-
-    async def close(self):
-        await self.stream.send_eof()
-
-    async def reset(self):
-        await self.stream.aclose()
 
 
 @pytest.fixture(scope="module")

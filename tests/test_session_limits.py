@@ -23,27 +23,7 @@ from molink.peer.session_limits import (
     session_frame_bytes,
 )
 from molink.peer.span import SpanModel
-
-
-class MemoryStream:
-    """The INetStream subset FramedStream uses, over one end of an in-memory stream pair."""
-
-    def __init__(self, stream, peer: str | None = None):
-        self.stream = stream
-        self.muxed_conn = None
-        self.remote_peer = peer  # what a direct channel carries: the client's peer id
-
-    async def read(self, n=None):
-        return await self.stream.receive_some(n)
-
-    async def write(self, data):
-        await self.stream.send_all(data)
-
-    async def close(self):
-        await self.stream.send_eof()
-
-    async def reset(self):
-        await self.stream.aclose()
+from tests.memory_streams import MemoryStream
 
 
 @pytest.fixture(scope="module")
