@@ -4,15 +4,18 @@
 
 At start it enters every host namespace (setns), opens a TUN device `wan0` there and comes back,
 then prints "ready". Each IPv4 packet a host sends into its TUN is looked up by destination
-address and goes through the link (source, destination): Bernoulli loss, then serialisation at the
-link's rate behind what the link already holds (tail drop beyond QUEUE_PACKETS of backlog), then
-the one-way delay; then it is written into the destination's TUN. Why this shape: one epoll loop,
-one heap ordered by release time and one timerfd armed (absolute, CLOCK_MONOTONIC) at the next
-release give microsecond timing with no threads and no CPU while idle; Python's epoll timeout
-alone rounds up to whole milliseconds. Same-link packets keep their order (their release times
-only grow). Control: "stats" on stdin answers one JSON line of per-link counters; EOF on stdin
-means the owner is gone: the forwarder removes the bed (processes in it by pid, namespaces) and
-exits, so even a SIGKILLed owner leaves nothing behind. Its TUN devices vanish with it.
+address (or, failing that, by the destination's /24 in the optional "nets" map {"A.B.C.0/24":
+host}: networks routed behind a host, as scripts/nat_bed.py's un-NATed homes are) and goes through
+the link (source, destination): Bernoulli loss, then serialisation at the link's rate behind what
+the link already holds (tail drop beyond QUEUE_PACKETS of backlog), then the one-way delay; then
+it is written into the destination's TUN. Why this shape: one epoll loop, one heap ordered by
+release time and one timerfd armed (absolute, CLOCK_MONOTONIC) at the next release give
+microsecond timing with no threads and no CPU while idle; Python's epoll timeout alone rounds up
+to whole milliseconds. Same-link packets keep their order (their release times only grow).
+Control: "stats" on stdin answers one JSON line of per-link counters; EOF on stdin means the owner
+is gone: the forwarder removes the bed (processes in it by pid, its namespaces and those in the
+optional "cleanup" list: the bed's namespaces without a TUN) and exits, so even a SIGKILLed owner
+leaves nothing behind. Its TUN devices vanish with it.
 """
 
 from __future__ import annotations
@@ -82,6 +85,13 @@ def forward(spec: dict) -> None:
     fds = [_open_tun_in(ns, home) for ns in names]
     os.close(home)
     by_addr = {bytes(int(x) for x in a.split(".")): i for i, a in enumerate(spec["addrs"])}
+    by_net = {}  # first three bytes of a /24 -> the host it is routed to
+    for net, host in spec.get("nets", {}).items():
+        prefix, bits = net.split("/")
+        if bits != "24":
+            raise ValueError(f"nets: only /24 networks are supported, not {net}")
+        by_net[bytes(int(x) for x in prefix.split(".")[:3])] = hosts.index(host)
+    remove = list(dict.fromkeys([*names, *spec.get("cleanup", [])]))
     links = [[_Link(**spec["links"].get(f"{a}>{b}", spec["default"])) for b in hosts] for a in hosts]
     queue_limit = QUEUE_PACKETS * 1500
     src_of = {fd: i for i, fd in enumerate(fds)}
@@ -103,7 +113,7 @@ def forward(spec: dict) -> None:
             elif fd == ctl:
                 line = sys.stdin.readline()
                 if not line:  # the owner is gone: clean up after it, whatever happened to it
-                    _janitor(names)
+                    _janitor(remove)
                     return
                 payload = {f"{hosts[a]}>{hosts[b]}": {"packets": l.packets, "bytes": l.bytes, "lost": l.lost,
                                                       "queue_drops": l.queue_drops}
@@ -116,7 +126,11 @@ def forward(spec: dict) -> None:
                         packet = os.read(fd, 65536)
                     except BlockingIOError:
                         break
-                    dst = by_addr.get(packet[16:20]) if packet[0] >> 4 == 4 else None
+                    if packet[0] >> 4 != 4:
+                        continue
+                    dst = by_addr.get(packet[16:20])
+                    if dst is None:
+                        dst = by_net.get(packet[16:19])
                     if dst is None or dst == src:
                         continue
                     link = links[src][dst]

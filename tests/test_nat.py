@@ -2,7 +2,8 @@
 
 - quick: the bed itself: a home reaches the internet, nothing unsolicited reaches a home, a TCP
   simultaneous open between two homes works through cone NATs and fails through symmetric ones,
-  and closing the bed leaves nothing behind;
+  the same with a 20 ms WAN delay (RTT home -> public ~ 40 ms), and closing the bed leaves
+  nothing behind;
 - slow: bootstrap/relay nodes on the internet, two peers each behind its own NAT, a client behind
   a third: greedy generation gives transformers' tokens, through hole-punched direct channels
   (cone) or relays (symmetric); each run reports how its data channels ended up;
@@ -46,14 +47,18 @@ def our_namespaces() -> list[str]:
     return namespaces_in_use(PREFIX)
 
 
-@pytest.mark.parametrize("nat, punches", [("cone", True), ("symmetric", False)])
-def test_bed_nat_behaviour_and_cleanup(nat, punches):
-    with NatBed(["boot"], ["a", "b"], nat=nat) as bed:
-        assert len(our_namespaces()) == 1 + 1 + 2 * 2  # hub, boot, and a router + a host per home
+@pytest.mark.parametrize("nat, punches, delay_ms", [("cone", True, None), ("symmetric", False, None),
+                                                    ("cone", True, 20.0)])
+def test_bed_nat_behaviour_and_cleanup(nat, punches, delay_ms):
+    with NatBed(["boot"], ["a", "b"], nat=nat, delay_ms=delay_ms) as bed:
+        # (hub,) boot, and a router + a host per home; the shaped bed's internet is a forwarder, not a hub
+        assert len(our_namespaces()) == (0 if delay_ms else 1) + 1 + 2 * 2
         result = probe(bed)
     assert result["outbound"] == "ok", result
     assert result["unsolicited_inbound"].startswith("fail timed out"), result  # dropped, not refused
     assert (result["punch"] == ["ok", "ok"]) is punches, result
+    if delay_ms:  # home -> public and back: one crossing each way
+        assert 2 * delay_ms <= result["rtt_ms"]["median"] < 2 * delay_ms + 10, result
     assert our_namespaces() == []
 
 
