@@ -10,6 +10,8 @@ on both directions are ChaCha20-Poly1305 records with per-direction keys (HKDF o
 and counter nonces, so the channel is exactly as private and authenticated as the libp2p stream
 it stands in for, and a replayed, reordered or forged record fails authentication.
 
+Records and lanes (several TCP connections per channel on long paths): dht/direct_channel.py.
+
 A DirectChannel speaks the small part of libp2p's INetStream that FramedStream uses (read,
 write, close, reset), so every protocol handler serves both transports unchanged. When anything
 about the direct path fails (the peer does not offer it, the port is unreachable behind a NAT)
@@ -21,21 +23,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import multiaddr
 import trio
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from molink.dht.direct_channel import (  # noqa: F401 - re-exported: the channel is part of this API
+    CONNECT_TIMEOUT,
+    HELLO,
+    LANE_MAGIC,
+    MAGIC,
+    MAX_LANES,
+    RECORD_HEADER,
+    SECRET_BYTES,
+    SOCKET_ERRORS,
+    TAG_BYTES,
+    TICKET_BYTES,
+    WELCOME,
+    DirectChannel,
+    DirectChannelError,
+    _channel_keys,
+    _lane_hello,
+    _receive_exactly,
+    dialer_handshake,
+    lanes_for,
+)
 from molink.dht.host import guard_handler
 from molink.dht.streams import (
     STREAM_ERRORS,
@@ -51,155 +67,22 @@ logger = logging.getLogger(__name__)
 
 DIRECT_PROTOCOL = "/molink/direct/1.0.0"
 TICKET, ERROR = "ticket", "error"
-MAGIC = b"MLDIRCT1"
-TICKET_BYTES = 16
-SECRET_BYTES = 32
-TAG_BYTES = 16
-RECORD_HEADER = struct.Struct(">I")
-MAX_RECORD_PLAINTEXT = 1 << 20  # larger writes are split; a longer header is refused before reading
-HELLO, WELCOME = b"molink-direct hello", b"molink-direct welcome"
 TICKET_TTL = 10.0
 MAX_TICKETS = 1024
 MAX_TICKETS_PER_PEER = 64
 HANDSHAKE_TIMEOUT = 3.0  # from TCP accept to a verified hello: slowloris sockets are dropped
 MAX_HANDSHAKING = 64
-CONNECT_TIMEOUT = 3.0
-SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-DRAIN_ON_CLOSE = 0.05  # read the peer's goodbye before closing, so the close is a FIN, not an RST
-
-
-class DirectChannelError(Exception):
-    """The direct channel failed: bad record, failed authentication, or a dead socket."""
-
-
-def _channel_keys(secret: bytes, ticket: bytes) -> tuple[bytes, bytes]:
-    """(dialer -> listener key, listener -> dialer key)."""
-    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=ticket, info=b"molink-direct/v1").derive(secret)
-    return okm[:32], okm[32:]
-
-
-class DirectChannel:
-    """An encrypted, authenticated byte stream over one TCP socket (INetStream-like)."""
-
-    def __init__(self, sock: trio.SocketStream, send_key: bytes, receive_key: bytes):
-        self.socket = sock
-        self._send_aead, self._receive_aead = ChaCha20Poly1305(send_key), ChaCha20Poly1305(receive_key)
-        self._send_counter = self._receive_counter = 0
-        self._raw = bytearray()  # ciphertext bytes read past the current record
-        self._plain = bytearray()  # decrypted bytes not yet handed to read()
-        self._eof = False
-        self.is_closed = False
-        self.muxed_conn = None  # FramedStream asks; there is no connection beneath to drop
-        self.remote_peer: str | None = None  # listener side: the peer id its ticket was issued to
-
-    # ---------------------------------------------------------------- records
-
-    def seal(self, plaintext: bytes) -> bytes:
-        if len(plaintext) <= MAX_RECORD_PLAINTEXT:  # the hot path: one record, no copies
-            return self._seal_one(plaintext)
-        view = memoryview(plaintext)
-        return b"".join(self._seal_one(view[offset:offset + MAX_RECORD_PLAINTEXT])
-                        for offset in range(0, len(plaintext), MAX_RECORD_PLAINTEXT))
-
-    def _seal_one(self, piece) -> bytes:
-        nonce = self._send_counter.to_bytes(12, "little")
-        self._send_counter += 1
-        sealed = self._send_aead.encrypt(nonce, bytes(piece), None)
-        return RECORD_HEADER.pack(len(sealed)) + sealed
-
-    async def _receive_raw(self, n: int) -> bool:
-        """Fill self._raw to n bytes; False on EOF before that."""
-        while len(self._raw) < n:
-            chunk = await self.socket.receive_some(max(n - len(self._raw), 65536))
-            if not chunk:
-                return False
-            self._raw += chunk
-        return True
-
-    async def read_record(self) -> bytes | None:
-        """The next record's plaintext; None at a clean EOF between records."""
-        if not await self._receive_raw(RECORD_HEADER.size):
-            if self._raw:
-                raise DirectChannelError("EOF inside a record header")
-            return None
-        (length,) = RECORD_HEADER.unpack_from(self._raw)
-        if not TAG_BYTES <= length <= MAX_RECORD_PLAINTEXT + TAG_BYTES:
-            raise DirectChannelError(f"record of {length} bytes refused")
-        total = RECORD_HEADER.size + length
-        if not await self._receive_raw(total):
-            raise DirectChannelError("EOF inside a record")
-        sealed = bytes(self._raw[RECORD_HEADER.size:total])
-        del self._raw[:total]
-        nonce = self._receive_counter.to_bytes(12, "little")
-        self._receive_counter += 1
-        try:
-            return self._receive_aead.decrypt(nonce, sealed, None)
-        except InvalidTag:
-            raise DirectChannelError("record failed authentication (forged, replayed or reordered)") from None
-
-    # ---------------------------------------------------------------- INetStream subset
-
-    async def read(self, n: int | None = None) -> bytes:
-        while not self._plain:
-            if self._eof:
-                return b""
-            try:
-                record = await self.read_record()
-            except (trio.BrokenResourceError, OSError) as exc:
-                raise DirectChannelError(f"connection reset: {exc}") from exc
-            if record is None:
-                self._eof = True
-                return b""
-            self._plain += record
-        n = len(self._plain) if n is None else n
-        data = bytes(self._plain[:n])
-        del self._plain[:n]
-        return data
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self.socket.send_all(self.seal(data))
-        except SOCKET_ERRORS as exc:
-            raise DirectChannelError(f"send failed: {exc}") from exc
-
-    async def close(self) -> None:
-        """Half-close (our FIN); reading goes on until the peer closes too."""
-        try:
-            await self.socket.send_eof()
-        except SOCKET_ERRORS:
-            pass
-
-    async def reset(self) -> None:
-        """Abort with a TCP RST."""
-        if self.is_closed:
-            return
-        with contextlib.suppress(*SOCKET_ERRORS):
-            self.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await self.aclose_socket(drain=False)
-
-    async def aclose_socket(self, drain: bool = True) -> None:
-        """Release the socket (the owner calls this when the framed stream is done)."""
-        if self.is_closed:
-            return
-        self.is_closed = True
-        with trio.CancelScope(shield=True):
-            if drain and not self._eof:
-                with trio.move_on_after(DRAIN_ON_CLOSE), contextlib.suppress(*SOCKET_ERRORS):
-                    while await self.socket.receive_some(65536):
-                        pass
-            with contextlib.suppress(*SOCKET_ERRORS):
-                await self.socket.aclose()
-
-
-# -------------------------------------------------------------------- the serving side
-
-
-@dataclass
+@dataclass(eq=False)
 class _Ticket:
     secret: bytes
     protocol: str
     peer: str
     expires: float
+    lanes: int = 1  # what lane 0's hello asked for (MAX_LANES at most)
+    extra: dict[int, trio.SocketStream] = field(default_factory=dict)  # verified extra lanes by index
+    arrived: trio.Event = field(default_factory=trio.Event)  # another extra lane came in
+    formed: trio.Event = field(default_factory=trio.Event)  # lane 0 finished gathering (channel or not)
+    channel: DirectChannel | None = None
 
 
 class DirectListener:
@@ -255,43 +138,93 @@ class DirectListener:
     # ------------------------------------------------------------ accepted sockets
 
     async def _serve_connection(self, sock: trio.SocketStream) -> None:
-        channel, protocol = None, None
+        result = None
         async with self._handshaking:
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
                 try:
-                    channel, protocol = await self._handshake(sock)
+                    result = await self._handshake(sock)
                 except (DirectChannelError, trio.BrokenResourceError, OSError) as exc:
                     logger.debug("direct handshake refused: %s", exc)
-        if channel is None:
+        if result is None:
             with contextlib.suppress(*SOCKET_ERRORS):
                 await sock.aclose()
             return
+        if isinstance(result, _Ticket):  # an extra lane: its socket is the channel's until it closes
+            await self._hold_lane(result, sock)
+            return
+        channel, entry = result
         try:
-            await self.handlers[protocol](channel)
+            if entry.lanes > 1 and not await self._gather_lanes(channel, entry):
+                return
+            await channel.write(WELCOME)
+            channel.remote_peer = entry.peer if entry.peer != "?" else None  # per-client caps (session_limits.py)
+            await self.handlers[entry.protocol](channel)
         finally:
             await channel.aclose_socket()
 
-    async def _handshake(self, sock: trio.SocketStream) -> tuple[DirectChannel, str] | tuple[None, None]:
-        opening = bytearray()
-        while len(opening) < len(MAGIC) + TICKET_BYTES:
-            chunk = await sock.receive_some(len(MAGIC) + TICKET_BYTES - len(opening))
-            if not chunk:
-                return None, None
-            opening += chunk
-        if bytes(opening[:len(MAGIC)]) != MAGIC:
+    async def _handshake(self, sock: trio.SocketStream) -> tuple[DirectChannel, _Ticket] | _Ticket | None:
+        """Lane 0 (MAGIC): (its channel, the ticket); an extra lane (LANE_MAGIC): the ticket it joins."""
+        opening = await _receive_exactly(sock, len(MAGIC) + TICKET_BYTES)
+        if opening is None:
+            return None
+        magic, ticket = opening[:len(MAGIC)], opening[len(MAGIC):]
+        if magic not in (MAGIC, LANE_MAGIC):
             raise DirectChannelError("not a MoLink direct channel")
-        ticket = bytes(opening[len(MAGIC):])
         entry = self._tickets.get(ticket)
         if entry is None or entry.expires < trio.current_time():
             raise DirectChannelError("unknown or expired ticket")
+        if magic == LANE_MAGIC:
+            return await self._lane_handshake(sock, ticket, entry)
         to_listener, to_dialer = _channel_keys(entry.secret, ticket)
         channel = DirectChannel(sock, send_key=to_dialer, receive_key=to_listener)
-        if await channel.read_record() != HELLO:  # proves the dialer holds the secret
+        hello = await channel.read_record()  # proves the dialer holds the secret
+        lanes = 1 if hello == HELLO else (hello[-1] if hello and hello[:-1] == HELLO else 0)
+        if not 1 <= lanes <= MAX_LANES or entry.channel is not None:
             raise DirectChannelError("bad hello")
-        del self._tickets[ticket]  # single use, spent only by someone who proved the secret
-        channel.remote_peer = entry.peer if entry.peer != "?" else None  # per-client caps (peer/session_limits.py)
-        await channel.write(WELCOME)
-        return channel, entry.protocol
+        entry.lanes, entry.channel = lanes, channel
+        if lanes == 1:
+            del self._tickets[ticket]  # single use, spent only by someone who proved the secret
+        return channel, entry
+
+    async def _lane_handshake(self, sock: trio.SocketStream, ticket: bytes, entry: _Ticket) -> _Ticket:
+        sealed_size = len(HELLO) + TAG_BYTES
+        rest = await _receive_exactly(sock, 1 + RECORD_HEADER.size + sealed_size)
+        if rest is None:
+            raise DirectChannelError("EOF in a lane hello")
+        lane = rest[0]
+        if not 1 <= lane < MAX_LANES or lane in entry.extra or \
+                rest[1:] != RECORD_HEADER.pack(sealed_size) + _lane_hello(entry.secret, ticket, lane):
+            raise DirectChannelError("bad lane hello")
+        entry.extra[lane] = sock
+        entry.arrived.set()
+        return entry
+
+    async def _gather_lanes(self, channel: DirectChannel, entry: _Ticket) -> bool:
+        """Lane 0 waits for the other lanes of its ticket, then the ticket is spent either way."""
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            while len(entry.extra) < entry.lanes - 1:
+                entry.arrived = trio.Event()
+                await entry.arrived.wait()
+        self._tickets = {t: e for t, e in self._tickets.items() if e is not entry}
+        complete = sorted(entry.extra) == list(range(1, entry.lanes))
+        if complete:
+            channel.add_lanes([entry.extra[lane] for lane in range(1, entry.lanes)])
+        else:
+            entry.channel = None
+            logger.debug("direct channel: %d of %d lanes came; refused", len(entry.extra) + 1, entry.lanes)
+        entry.formed.set()
+        return complete
+
+    @staticmethod
+    async def _hold_lane(entry: _Ticket, sock: trio.SocketStream) -> None:
+        """Keep an extra lane's accept task (trio closes its socket on return) until its channel ends."""
+        with trio.move_on_after(2 * HANDSHAKE_TIMEOUT):
+            await entry.formed.wait()
+        channel = entry.channel
+        if channel is not None and sock in channel.lanes:
+            await channel.closed_event.wait()
+        with contextlib.suppress(*SOCKET_ERRORS):
+            await sock.aclose()
 
 
 # -------------------------------------------------------------------- the dialing side
@@ -325,28 +258,43 @@ async def _request_ticket(host: Any, peer_id: Any, protocol: str, timeout: float
     return port, ticket, secret
 
 
+_connect_times: dict[str, float] = {}  # IP -> the quickest TCP connect to it seen: its round trip
+
+
 async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
                               timeout: float = CONNECT_TIMEOUT) -> DirectChannel:
     port, ticket, secret = await _request_ticket(host, peer_id, protocol, timeout)
-    with trio.fail_after(timeout):
-        sock = await trio.open_tcp_stream(ip, port)
-    return await dialer_handshake(sock, ticket, secret, timeout)
-
-
-async def dialer_handshake(sock: trio.SocketStream, ticket: bytes, secret: bytes,
-                           timeout: float = CONNECT_TIMEOUT) -> DirectChannel:
-    """Present the ticket and prove the secret on a connected socket (also used by holepunch.py)."""
-    to_listener, to_dialer = _channel_keys(secret, ticket)
-    channel = DirectChannel(sock, send_key=to_listener, receive_key=to_dialer)
+    known = _connect_times.get(ip)
+    extra: list[trio.SocketStream] = []
     try:
         with trio.fail_after(timeout):
-            await sock.send_all(MAGIC + ticket + channel.seal(HELLO))
-            if await channel.read_record() != WELCOME:
-                raise DirectChannelError("no welcome")
+            if known is not None and lanes_for(known) > 1:  # a known long path: every lane at once
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_connect_lanes, ip, port, lanes_for(known) - 1, extra)
+                    sock = await trio.open_tcp_stream(ip, port)
+            else:  # unknown (or short): time lane 0's connect, then add lanes if the path is long
+                started = trio.current_time()
+                sock = await trio.open_tcp_stream(ip, port)
+                rtt = trio.current_time() - started
+                _connect_times[ip] = min(rtt, known if known is not None else rtt)
+                if len(_connect_times) > 4096:
+                    del _connect_times[next(iter(_connect_times))]
+                await _connect_lanes(ip, port, lanes_for(rtt) - 1, extra)
     except BaseException:
-        await channel.reset()
+        for lane in extra:
+            with contextlib.suppress(*SOCKET_ERRORS):
+                await lane.aclose()
         raise
-    return channel
+    return await dialer_handshake(sock, ticket, secret, timeout, extra)
+
+
+async def _connect_lanes(ip: str, port: int, count: int, into: list[trio.SocketStream]) -> None:
+    async def one() -> None:
+        into.append(await trio.open_tcp_stream(ip, port))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
 
 
 async def open_data_stream(host: Any, peer_id: Any, addrs: Sequence[str], protocol: str, *, direct: bool = True,

@@ -131,6 +131,24 @@ def p2p_addrs(host: BasicHost) -> list[multiaddr.Multiaddr]:
 
 # ---------------------------------------------------------------------------- host factory
 
+OPEN_FILES_WANTED = 65536
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (at most OPEN_FILES_WANTED): a peer holds a socket per
+    session per hop, times the lanes of a long path (direct_channel.py), and desktop systems often
+    start processes at a soft limit of 1024 while allowing far more."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):  # not on this OS, or not allowed: keep what we have
+        pass
+
+
 
 def create_host(
     identity_keypair: KeyPair,
@@ -160,6 +178,7 @@ def create_host(
     for addr in addrs:
         _check_tcp_listen_addr(addr)
     configure_libp2p_logging()
+    raise_open_files_limit()
     install_atomic_yamux_writes()  # a write cancelled half-way kills a Noise connection (atomic_yamux.py)
 
     security = {

@@ -125,7 +125,7 @@ def bench_model(name: str, directory: Path, args, workroot: Path) -> dict:
         log(f"{name}: swarm up in {time.perf_counter() - started:.1f} s; client measuring")
         cfg = {"model_dir": str(directory), "spans": spans, "initial_peers": [boot], "new_tokens": args.new_tokens,
                "repeats": args.repeats, "decode_prompt_tokens": 16, "prompt_lengths": args.prompts,
-               "modes": args.modes, "threads": args.threads}
+               "modes": args.modes, "threads": args.threads, "spot_check": args.spot_check}
         load_before = loadavg()
         raw = run_client(bed, "bench", cfg)
         load_after = loadavg()
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--prompts", default="128,1024", help="TTFT prompt lengths")
     parser.add_argument("--modes", default="push,relay")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--spot-check", type=float, default=None,
+                        help="the client's spot-check rate (default: the client default, 0.1; 0: off, no taps)")
     parser.add_argument("--backend", choices=["auto", "tun", "netem"], default="auto")
     parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
                         help="set in every host namespace, e.g. net.ipv4.tcp_slow_start_after_idle=0")
@@ -225,6 +227,7 @@ def main() -> None:
     print_tables(results, args)
     meta = {"delay_ms": args.delay_ms, "rate_mbit": args.rate_mbit, "loss": args.loss, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "prompts": args.prompts, "threads": args.threads, "sysctls": args.sysctl, "route": args.route,
+            "spot_check": args.spot_check,
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git": git, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "goals": {"decode_ratio": DECODE_GOAL, "ttft_ratio_vs_overlapped": TTFT_GOAL}}

@@ -243,7 +243,8 @@ def client_main(mode: str, cfg: dict) -> None:
     vocab = load_config(cfg["model_dir"]).vocab_size
     if mode == "generate":
         prompt = prompt_of(cfg.get("prompt_tokens", 12), vocab)
-        with DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"]) as model:
+        with DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"],
+                                                      spot_check=cfg.get("spot_check")) as model:
             model.generation_config.eos_token_id = None
             out = model.generate(prompt, do_sample=False, max_new_tokens=cfg["new_tokens"])
         pipe.send({"op": "result", "prompt": prompt[0].tolist(), "tokens": out[0].tolist()})
@@ -254,7 +255,8 @@ def client_main(mode: str, cfg: dict) -> None:
               "reference_first": {n: reference(cfg["model_dir"], prompts[n], 1)[-1] for n in cfg["prompt_lengths"]}}
     print("[wan client] in-process spans", file=sys.stderr, flush=True)
     result["in_process"], local_decode = in_process(cfg, prompts)
-    with DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"]) as model:
+    with DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"],
+                                                      spot_check=cfg.get("spot_check")) as model:
         model.generation_config.eos_token_id = None
         for mode_name in cfg["modes"]:
             print(f"[wan client] swarm {mode_name}", file=sys.stderr, flush=True)

@@ -18,14 +18,19 @@ from molink.crypto.identity import Identity
 from molink.dht.direct import (
     DIRECT_PROTOCOL,
     HELLO,
+    LANE_MAGIC,
     MAGIC,
+    RECORD_HEADER,
     DirectChannel,
     DirectChannelError,
     DirectListener,
     _channel_keys,
+    _connect_times,
+    _lane_hello,
     _request_ticket,
     dial_framed_direct,
     open_direct_channel,
+    lanes_for,
     tcp_ip_of,
 )
 from molink.dht.host import connect_peer, p2p_addrs, running_host, set_protocol_handler
@@ -140,6 +145,81 @@ async def test_unreachable_direct_port_falls_back_to_libp2p(pair):
     with trio.fail_after(TEST_TIMEOUT):
         body = await roundtrip(pair, b"x")
     assert body["via"] == "libp2p"
+
+
+# ---------------------------------------------------------------------- lanes (striping over TCP connections)
+
+
+async def echo_lanes(framed: FramedStream) -> None:
+    """Echo, and say how many TCP connections the serving side's channel stripes over."""
+    while True:
+        try:
+            frame = await framed.receive()
+        except ClosedByPeer:
+            return
+        await framed.send(Frame("echo", frame.request_id, {**frame.body, "lanes": len(framed.stream.lanes)}))
+
+
+LANES_ECHO = "/molink/test/lanes/1"
+
+
+@pytest.fixture
+async def lanes_pair(pair, monkeypatch):
+    handler = framed_handler(echo_lanes)
+    pair.listener.handlers[LANES_ECHO] = handler
+    set_protocol_handler(pair.server, LANES_ECHO, handler)
+    return pair
+
+
+@pytest.mark.parametrize("lanes", [2, 5])
+async def test_a_channel_striped_over_lanes_carries_frames_of_every_size_in_order(lanes_pair, monkeypatch, lanes):
+    monkeypatch.setenv("MOLINK_DIRECT_LANES", str(lanes))
+    payloads = [b"", b"x", os.urandom(4095), os.urandom(4097), os.urandom(50_000), os.urandom(3 * 1024 * 1024 + 3)]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with dial_framed_direct(lanes_pair.client, lanes_pair.server.get_id(), lanes_pair.server_addrs,
+                                      LANES_ECHO) as framed:
+            assert len(framed.stream.lanes) == lanes
+            for index, payload in enumerate(payloads * 2):
+                reply = await framed.request(Frame("data", index + 1, {"payload": payload}))
+                assert reply.body == {"payload": payload, "lanes": lanes}
+    assert lanes_pair.listener._tickets == {}
+
+
+def test_lanes_follow_the_round_trip_unless_told():
+    assert lanes_for(0.0002) == 1  # loopback, a LAN: slow start costs nothing worth a socket
+    assert lanes_for(0.040) > 4  # a WAN round trip
+    _connect_times.clear()
+
+
+async def test_a_missing_lane_fails_the_channel_and_spends_the_ticket(lanes_pair, monkeypatch):
+    monkeypatch.setattr("molink.dht.direct.HANDSHAKE_TIMEOUT", 0.5)
+    pair = lanes_pair
+    with trio.fail_after(TEST_TIMEOUT):
+        port, ticket, secret = await _request_ticket(pair.client, pair.server.get_id(), LANES_ECHO, 3.0)
+        to_listener, to_dialer = _channel_keys(secret, ticket)
+        channel = DirectChannel(await raw_connect(pair), to_listener, to_dialer)
+        await channel.socket.send_all(MAGIC + ticket + channel.seal(HELLO + bytes([3])))  # 3 lanes promised
+        lane = await raw_connect(pair)  # ... only lane 1 comes
+        hello = _lane_hello(secret, ticket, 1)
+        await lane.send_all(LANE_MAGIC + ticket + b"\x01" + RECORD_HEADER.pack(len(hello)) + hello)
+        assert await channel.read_record() is None  # no welcome: hung up
+        assert await lane.receive_some(10) == b""  # the lane that came is let go too
+        await lane.aclose()
+        await channel.aclose_socket(drain=False)
+        assert ticket not in pair.listener._tickets
+        assert (await roundtrip(pair, b"others unaffected"))["via"] == "direct"
+
+
+async def test_a_lane_without_the_secret_is_refused(lanes_pair):
+    pair = lanes_pair
+    with trio.fail_after(TEST_TIMEOUT):
+        port, ticket, secret = await _request_ticket(pair.client, pair.server.get_id(), LANES_ECHO, 3.0)
+        lane = await raw_connect(pair)
+        forged = _lane_hello(os.urandom(32), ticket, 1)
+        await lane.send_all(LANE_MAGIC + ticket + b"\x01" + RECORD_HEADER.pack(len(forged)) + forged)
+        assert await lane.receive_some(10) == b""
+        await lane.aclose()
+        assert ticket in pair.listener._tickets and not pair.listener._tickets[ticket].extra
 
 
 # ---------------------------------------------------------------------- hostile input

@@ -189,6 +189,25 @@ def test_direct_channels_and_libp2p_streams_give_the_same_tokens(tiny_llama, swa
     assert len(transports) == 6 and "DirectChannel" not in transports[3:]
 
 
+def test_sessions_striped_over_lanes_stay_exact(tiny_llama, swarm, reference, monkeypatch):
+    """On a long path a session's channel stripes over several TCP connections (dht/direct_channel.py);
+    forced here on loopback: a chunked 300-token prompt and its decode give transformers' tokens."""
+    lanes: list[int] = []
+    dial = RemoteSession._dial
+
+    async def recording_dial(self, hop, reconnect):
+        stream = await dial(self, hop, reconnect)
+        lanes.append(len(stream.lanes))
+        return stream
+
+    monkeypatch.setattr(RemoteSession, "_dial", recording_dial)
+    monkeypatch.setenv("MOLINK_DIRECT_LANES", "3")
+    with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
+        ids, mask = prompts(1, length=300, seed=8)
+        assert_same_generation(model, reference, ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert lanes == [3, 3, 3]
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch):
     """A 300-token prompt goes through the route as 4 chunks sent back to back (peers compute one
