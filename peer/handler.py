@@ -214,10 +214,12 @@ class InferenceHandler:
 
     async def _step(self, session: ActiveSession, frame: Frame, relay: bool) -> None:
         session.touch()
-        step = frame.body.get("step")
+        step, last_only = frame.body.get("step"), frame.body.get("last", False)
         try:
             if type(step) is not int or step < 0:
                 raise p.ProtocolError(p.BAD_REQUEST, "step must be a non-negative integer")
+            if type(last_only) is not bool:
+                raise p.ProtocolError(p.BAD_REQUEST, "last must be true or false")
             hidden, mask = p.decode_step_tensors(frame.body, p.PEER_WIRE_LIMITS, self.span.config.hidden_size,
                                                  session.batch_size, session.room)
             out = await self._compute(session, hidden, mask)
@@ -240,18 +242,23 @@ class InferenceHandler:
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         session.steps_done += 1
         session.touch()
+        answers_client = relay or session.push_stream is None
+        if last_only and answers_client:
+            out = out[:, -1:].contiguous()  # the client asked for the last position only (generation.run_step)
         # the codec for the link this output takes (molink.dht.codec_policy); a tap copy shares it
         tensor = await encode_hidden_async(out, session.compression, session.client_stream
-                                           if relay or session.push_stream is None else session.push_stream)
+                                           if answers_client else session.push_stream)
         answer = {"step": step, "hidden": tensor}
         if session.tap:  # audited: say what input this output came from (spot checks, protocol.py)
             answer["in_digest"] = p.tensor_digest(hidden)
-        if relay or session.push_stream is None:
+        if answers_client:
             target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, answer)
         else:
             target = session.push_stream
             reply = Frame(p.PUSH, frame.request_id, {"session_id": session.next_hop.session_id, "step": step,
                                                      "hidden": tensor, "mask": frame.body["mask"]})
+            if last_only:
+                reply.body["last"] = True
         try:
             if session.tap and target is session.push_stream:
                 await session.client_stream.send(Frame(p.TAP, frame.request_id, answer))

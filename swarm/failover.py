@@ -62,10 +62,13 @@ class FailoverChain:
         self.auditor = auditor  # spot checks (swarm/spot_check.py), or None
         self.lies: list[dict] = []  # liars caught: who, at which step, proven by a third opinion or not
 
-    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        return (await self.step_many([(hidden_states, new_mask)]))[0]
+    trims_outputs = True  # step(..., last_only=True): the last hop sends back the last position only
 
-    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        return (await self.step_many([(hidden_states, new_mask)], last_only))[0]
+
+    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]],
+                        last_only: bool = False) -> list[torch.Tensor]:
         """Several consecutive steps sent back to back (a prompt in chunks: the peers pipeline them)."""
         self.history.extend(items)
         failed_at: float | None = None
@@ -74,7 +77,7 @@ class FailoverChain:
             try:
                 if self.session is None:
                     await self._reopen(pending=len(items))
-                results = await self.session.step_many(items)
+                results = await self.session.step_many(items, last_only)
                 if self.auditor is not None:
                     await self.auditor.after_steps(self.session)
             except LiarDetected as exc:
@@ -125,7 +128,7 @@ class FailoverChain:
             self.auditor.attach(session)
         replay = self.history[:-pending] if pending else self.history
         if replay:
-            await session.step_many(replay)
+            await session.step_many(replay, last_only=True)  # only the peers' caches matter here
 
     def _reached_through_relay(self, peer_id: str | None) -> bool:
         route = self.session.route if self.session is not None else []

@@ -104,16 +104,18 @@ def prefill_chunk_sizes(tokens: int) -> list[int]:
 
 
 async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One step of new tokens through the chain; a long prompt goes through in pipelined chunks
-    (only the last chunk's output is needed: logits come from the last position)."""
+    """One step of new tokens through the chain; a long prompt goes through in pipelined chunks.
+    Only the last position's output is needed (logits come from it): a chain that can trim
+    (`trims_outputs`) brings back just that one, not tokens x hidden on the last link for nothing."""
+    options = {"last_only": True} if getattr(chain, "trims_outputs", False) else {}
     sizes = prefill_chunk_sizes(hidden.shape[1])
     if len(sizes) == 1 or not getattr(chain, "pipelined", False):
-        return await chain.step(hidden, mask)
+        return await chain.step(hidden, mask, **options)
     items, start = [], 0
     for size in sizes:
         items.append((hidden[:, start:start + size], mask[:, start:start + size]))
         start += size
-    return (await chain.step_many(items))[-1]
+    return (await chain.step_many(items, **options))[-1]
 
 
 @dataclass

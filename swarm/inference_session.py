@@ -230,7 +230,9 @@ class RemoteSession:
             raise InferenceError(f"peer {peer_id} answered {code}: {message}", peer_id, code)
         return hop, event
 
-    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """The new tokens' hidden states through every hop; `last_only`: the last hop sends back
+        only the last position (all a generation needs of a prompt: [batch, 1, hidden])."""
         if self._closing.is_set() or self._failure is not None:
             raise InferenceError(f"session is closed ({self._failure})")
         self._step += 1
@@ -239,38 +241,40 @@ class RemoteSession:
             if self.relay:
                 replies = []
                 for index in range(len(self.streams)):
+                    last = last_only and index == len(self.streams) - 1
                     hidden_states, reply = await self._send_and_wait(index, index, step, hidden_states, new_mask,
-                                                                     relay=True)
+                                                                     relay=True, last=last)
                     replies.append((reply, hidden_states))
                 if self.tap:
                     self._record_relayed(step, replies)
                 return hidden_states
             out, reply = await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, new_mask,
-                                                   relay=False)
+                                                   relay=False, last=last_only)
             if self.tap:
                 await self._record_pushed(step, reply, out)
             return out
         except trio.TooSlowError:
             raise InferenceError(f"step {step} got no answer within {self.step_timeout} s") from None
 
-    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]],
+                        last_only: bool = False) -> list[torch.Tensor]:
         """Consecutive steps, in push mode sent back to back without waiting: while a peer computes
         chunk i, chunk i+1 is already on its way, and its output travels on while it computes i+1.
         Each peer serves a session's steps in order, so the answers come back in order."""
         if self.relay or len(items) == 1:
-            return [await self.step(hidden, mask) for hidden, mask in items]
+            return [await self.step(hidden, mask, last_only) for hidden, mask in items]
         if self._closing.is_set() or self._failure is not None:
             raise InferenceError(f"session is closed ({self._failure})")
         sent: list[tuple[int, int]] = []
         try:
             for hidden, mask in items:
                 self._step += 1
-                body = self._step_body(self._step, hidden, mask, relay=False)
+                body = self._step_body(self._step, hidden, mask, relay=False, last=last_only)
                 try:
                     await self.streams[0].send(Frame(p.STEP, self._step, body))
                 except STREAM_ERRORS as exc:
                     raise InferenceError(f"peer {self.route[0].peer_id} failed: {exc}", self.route[0].peer_id) from exc
-                sent.append((self._step, hidden.shape[1]))
+                sent.append((self._step, 1 if last_only else hidden.shape[1]))
             last = len(self.streams) - 1
             answers = []
             for step, new_tokens in sent:
@@ -283,9 +287,12 @@ class RemoteSession:
         except trio.TooSlowError:
             raise InferenceError(f"steps {sent[0][0]}..{sent[-1][0]} got no answer within {self.step_timeout} s") from None
 
-    def _step_body(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, relay: bool, send_to: int = 0) -> dict:
+    def _step_body(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, relay: bool, send_to: int = 0,
+                   last: bool = False) -> dict:
         body = {"step": step, "hidden": encode_hidden(hidden, self.compression, self.streams[send_to]),
                 "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": relay}
+        if last:
+            body["last"] = True
         if self.tap and (not relay or step not in self._sent):  # what hop 0 decodes, exactly
             # a lossless codec gives hop 0 exactly `hidden`; only a lossy one needs decoding here
             given = decode_tensor(body["hidden"], p.PEER_WIRE_LIMITS) if self.compression == "q8" else hidden
@@ -293,15 +300,15 @@ class RemoteSession:
         return body
 
     async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,
-                             mask: torch.Tensor, relay: bool) -> tuple[torch.Tensor, Frame]:
-        body = self._step_body(step, hidden, mask, relay, send_to)
+                             mask: torch.Tensor, relay: bool, last: bool = False) -> tuple[torch.Tensor, Frame]:
+        body = self._step_body(step, hidden, mask, relay, send_to, last)
         try:
             await self.streams[send_to].send(Frame(p.STEP, step, body))
         except STREAM_ERRORS as exc:
             peer_id = self.route[send_to].peer_id
             raise InferenceError(f"peer {peer_id} failed: {exc}", peer_id) from exc
         reply = await self._expect(answer_from, p.RESULT, self.step_timeout, step)
-        return self._checked_hidden(reply, answer_from, hidden.shape[1]), reply
+        return self._checked_hidden(reply, answer_from, 1 if last else hidden.shape[1]), reply
 
     # ------------------------------------------------------------------ taps (spot checks)
 

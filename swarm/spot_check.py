@@ -108,14 +108,12 @@ def mismatched_positions(got: torch.Tensor, claimed: torch.Tensor, mask: torch.T
     return bad.any(dim=0)
 
 
-def first_bad_step(bad_positions: torch.Tensor, lengths: list[int]) -> int | None:
-    """Index (into `lengths`' steps) of the first step holding a bad position."""
-    start = 0
-    for index, length in enumerate(lengths):
-        if bool(bad_positions[start:start + length].any()):
-            return index
-        start += length
-    return None
+def _disagree(rerun: torch.Tensor, step: TappedStep, k: int, claimed: torch.Tensor | None = None) -> bool:
+    """Does hop k's output of `step` (or `claimed`) differ from a re-run of it? A last hop asked for
+    its last position only (a prompt's other positions feed nothing) is held to the positions it sent."""
+    claimed = step.outputs[k] if claimed is None else claimed
+    n = claimed.shape[1]
+    return bool(mismatched_positions(rerun[:, -n:], claimed, step.mask[:, -n:]).any())
 
 
 def _segment(tensor: torch.Tensor, tapped: list[TappedStep], start: int, upto: int, step: int) -> torch.Tensor:
@@ -246,12 +244,10 @@ class Auditor:
                             upto: int) -> int | None:
         """The first step in [verified, upto) where hop k's output disagrees with `got`, a re-run of
         steps [start, upto)."""
-        lengths = [s.mask.shape[1] for s in tapped[verified:upto]]
-        tail = got[:, got.shape[1] - sum(lengths):]
-        claimed = torch.cat([s.outputs[k] for s in tapped[verified:upto]], dim=1)
-        mask = torch.cat([s.mask for s in tapped[verified:upto]], dim=1)
-        bad = first_bad_step(mismatched_positions(tail, claimed, mask), lengths)
-        return None if bad is None else verified + bad
+        for index in range(verified, upto):
+            if _disagree(_segment(got, tapped, start, upto, index), tapped[index], k):
+                return index
+        return None
 
     async def _settle_dispute(self, session, k: int, audit: HopAudit, bad: int, verifier_said: torch.Tensor) -> None:
         """Hop k and its verifier disagree at step `bad`: a third peer replays steps [0, bad] and
@@ -272,9 +268,8 @@ class Auditor:
             raise LiarDetected(f"hop {k} ({hop.peer_id}) and verifier {verifier_id} disagree at step {bad} and "
                                f"no third peer could decide", {hop.peer_id, verifier_id}, bad, proven=False)
         judged = _segment(opinion, tapped, 0, bad + 1, bad)
-        mask = tapped[bad].mask
-        judge_vs_hop = bool(mismatched_positions(judged, tapped[bad].outputs[k], mask).any())
-        judge_vs_verifier = bool(mismatched_positions(judged, verifier_said, mask).any())
+        judge_vs_hop = _disagree(judged, tapped[bad], k)
+        judge_vs_verifier = _disagree(judged, tapped[bad], k, claimed=verifier_said)
         if judge_vs_hop and judge_vs_verifier:
             judge_id = judge.route[0].peer_id
             raise LiarDetected(f"hop {k} ({hop.peer_id}), verifier {verifier_id} and judge {judge_id} all disagree "

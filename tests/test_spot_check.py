@@ -14,7 +14,7 @@ from molink.peer.span import SpanModel
 from molink.swarm import DistributedModelForCausalLM
 from molink.swarm.local_swarm import LocalSwarm
 from molink.swarm.routing import BanList
-from molink.swarm.spot_check import SpotCheckConfig, first_bad_step, mismatched_positions
+from molink.swarm.spot_check import Auditor, SpotCheckConfig, TappedStep, mismatched_positions
 from tests.test_swarm import peer_id_of, prompts
 
 # ---------------------------------------------------------------------------- pieces
@@ -63,7 +63,16 @@ def test_chunked_rerun_agrees_and_corruption_does_not(tiny_llama):
     lied[:, 9] += torch.randn_like(lied[:, 9]) * lied[:, 9].std() * 0.05
     bad = mismatched_positions(rerun, lied, mask)
     assert bad.nonzero().flatten().tolist() == [9]
-    assert first_bad_step(bad, [8, 1, 1, 1, 1]) == 2
+    steps = [TappedStep(mask[:, :8], [hidden[:, :8]], [lied[:, :8]], [b""])]
+    steps += [TappedStep(mask[:, t:t + 1], [hidden[:, t:t + 1]], [lied[:, t:t + 1]], [b""]) for t in range(8, 12)]
+    assert Auditor._first_disagreement(rerun, steps, 0, 0, 0, 5) == 2  # the step holding position 9
+    assert Auditor._first_disagreement(rerun, steps, 0, 0, 3, 5) is None  # from step 3 on: all fine
+    # a last hop that sent only the prompt's last position is held to that position alone
+    steps[0].outputs[0] = claimed[:, 7:8]
+    steps[2].outputs[0] = claimed[:, 9:10]
+    assert Auditor._first_disagreement(rerun, steps, 0, 0, 0, 5) is None
+    steps[0].outputs[0] = lied[:, 9:10]  # the wrong position's values, as if it were the last one
+    assert Auditor._first_disagreement(rerun, steps, 0, 0, 0, 5) == 0
 
 
 def test_liars_are_banned_for_long_and_never_forgiven():

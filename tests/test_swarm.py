@@ -208,6 +208,31 @@ def test_sessions_striped_over_lanes_stay_exact(tiny_llama, swarm, reference, mo
     assert lanes == [3, 3, 3]
 
 
+@pytest.mark.parametrize("relay", [False, True], ids=["push", "relay"])
+def test_a_prompt_can_come_back_as_its_last_position_only(client, relay):
+    """Generation needs a prompt's last position only; the last hop then sends [batch, 1, hidden],
+    the same values as the full answer's last row, and the session goes on from the full cache."""
+    model = client(relay)
+    ids, mask = prompts(2, seed=3)
+
+    async def both():
+        outputs = []
+        for last_only in (False, True):
+            chain = await model.open_chain(2, ids.shape[1] + 1)
+            try:
+                hidden = model.head.embed(ids, mask.cumsum(-1) - 1)
+                prompt_out = await chain.step(hidden, mask, last_only=last_only)
+                next_out = await chain.step(hidden[:, -1:], torch.ones(2, 1, dtype=torch.long), last_only=last_only)
+                outputs.append((prompt_out, next_out))
+            finally:
+                await chain.close()
+        return outputs
+
+    (full, full_next), (last, last_next) = model._run(both)
+    assert list(full.shape) == [2, ids.shape[1], HIDDEN] and list(last.shape) == [2, 1, HIDDEN]
+    assert torch.equal(last, full[:, -1:]) and torch.equal(last_next, full_next)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch):
     """A 300-token prompt goes through the route as 4 chunks sent back to back (peers compute one
