@@ -15,7 +15,8 @@ to whole milliseconds. Same-link packets keep their order (their release times o
 Control: "stats" on stdin answers one JSON line of per-link counters; EOF on stdin means the owner
 is gone: the forwarder removes the bed (processes in it by pid, its namespaces and those in the
 optional "cleanup" list: the bed's namespaces without a TUN) and exits, so even a SIGKILLed owner
-leaves nothing behind. Its TUN devices vanish with it.
+leaves nothing behind. Its TUN devices vanish with it. WAN_TRACE=FILE in its environment writes
+a line per packet (arrival and release time, link, size): how TTFT was taken apart hop by hop.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def forward(spec: dict) -> None:
         poll.register(fd, select.EPOLLIN)
     heap: list = []
     seq, armed, rand, monotonic = 0, None, random.random, time.monotonic
+    trace = open(os.environ["WAN_TRACE"], "w", buffering=1 << 20) if os.environ.get("WAN_TRACE") else None
     print("ready", flush=True)
     while True:
         for fd, _ in poll.poll():
@@ -113,6 +115,8 @@ def forward(spec: dict) -> None:
             elif fd == ctl:
                 line = sys.stdin.readline()
                 if not line:  # the owner is gone: clean up after it, whatever happened to it
+                    if trace is not None:
+                        trace.close()
                     _janitor(remove)
                     return
                 payload = {f"{hosts[a]}>{hosts[b]}": {"packets": l.packets, "bytes": l.bytes, "lost": l.lost,
@@ -149,6 +153,8 @@ def forward(spec: dict) -> None:
                     else:
                         due = now + link.delay
                     seq += 1
+                    if trace is not None:
+                        trace.write(f"{now:.6f} {due:.6f} {hosts[src]} {hosts[dst]} {size}\n")
                     heapq.heappush(heap, (due, seq, fds[dst], packet))
         now = monotonic() + 20e-6  # what is due within 20 µs goes now (saves a wake-up per packet)
         while heap and heap[0][0] <= now:
