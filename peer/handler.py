@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 from libp2p.peer.id import ID
 
-from molink.dht.direct import dial_framed_direct
+from molink.dht.direct import framed_data_stream, open_data_stream
 from molink.dht.host import ConnectError, connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
 from molink.dht.codec_policy import encode_hidden_async
@@ -27,6 +28,7 @@ from molink.dht.wire import Frame
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
 from molink.peer.faults import Faults
+from molink.peer.push_channels import PushChannels
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0
 NEXT_HOP_CONNECT_TIMEOUT = 5.0
+PUSH_QUEUE_FRAMES = 16  # a session's pushed steps waiting for its worker (prompt chunks come 8 at once)
+PUSH_WORKER_IDLE = 10.0
 
 
 @dataclass
@@ -64,13 +68,16 @@ class InferenceHandler:
         self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
+        self.push_channels = PushChannels(self._dial_next_hop)  # one shared channel per next-hop peer
 
-    async def run_scheduler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The step scheduler's worker (nursery.start it before serving); returns at once without one."""
-        if self.scheduler is None:
+    async def run_workers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The handler's background work (nursery.start it before serving): the step scheduler's
+        worker when batching is on, and the shared push channels (push_channels.py)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.push_channels.run)
+            if self.scheduler is not None:
+                await nursery.start(self.scheduler.run)
             task_status.started()
-            return
-        await self.scheduler.run(task_status=task_status)
 
     # ------------------------------------------------------------------ client sessions
 
@@ -127,7 +134,7 @@ class InferenceHandler:
                 raise p.ProtocolError(p.BAD_REQUEST, str(exc)) from exc
             stack.callback(self.registry.remove, session.session_id)
             if request.next is not None:
-                session.push_stream = await self._open_push_stream(request.next, stack)
+                session.push_stream = await stack.enter_async_context(self.push_channels.use(request.next))
             # frames up to what this session can use, from now on (session_limits.py)
             raise_stream_limits(framed, request.batch_size, request.max_length, span.config.hidden_size)
         except p.ProtocolError as exc:
@@ -141,7 +148,14 @@ class InferenceHandler:
             return None
         return session
 
-    async def _open_push_stream(self, next_hop: p.NextHop, stack: AsyncExitStack) -> FramedStream:
+    @asynccontextmanager
+    async def _dial_next_hop(self, next_hop: p.NextHop) -> AsyncIterator[FramedStream]:
+        """A push channel to the next hop (PushChannels shares it between sessions)."""
+        stream = await self._reach_next_hop(next_hop)
+        async with framed_data_stream(stream, limits=p.PEER_WIRE_LIMITS) as framed:
+            yield framed
+
+    async def _reach_next_hop(self, next_hop: p.NextHop):
         try:
             peer_id = ID.from_base58(next_hop.peer_id)
             addrs = with_peer_id(next_hop.addrs, next_hop.peer_id)
@@ -152,8 +166,7 @@ class InferenceHandler:
             # first stream (seen as "handshake read failed"); a fresh one then works.
             try:
                 await connect_peer(self.host, addrs, timeout=NEXT_HOP_CONNECT_TIMEOUT, reconnect=reconnect)
-                return await stack.enter_async_context(dial_framed_direct(
-                    self.host, peer_id, next_hop.addrs, p.PUSH_PROTOCOL, limits=p.PEER_WIRE_LIMITS))
+                return await open_data_stream(self.host, peer_id, next_hop.addrs, p.PUSH_PROTOCOL)
             except Exception as exc:  # any failure to reach the next hop is the client's to route around
                 failure = exc
                 if isinstance(exc, (ConnectError, StreamOpenTimeout)):
@@ -194,21 +207,57 @@ class InferenceHandler:
     # ------------------------------------------------------------------ pushes from the previous hop
 
     async def handle_push(self, framed: FramedStream) -> None:
-        while True:
+        """Pushes from a previous hop: one channel carries the steps of all its sessions that go on
+        here (push_channels.py). Each session's steps run in order on a worker of its own, so
+        different sessions' steps meet in the scheduler's batches instead of queueing behind
+        each other on the channel."""
+        workers: dict[bytes, trio.MemorySendChannel] = {}
+        async with trio.open_nursery() as nursery:
             try:
-                frame = await framed.receive(timeout=self.idle_timeout)
-            except STREAM_ERRORS:
-                return
-            if frame.type != p.PUSH:
-                return  # peers speak this protocol correctly or not at all
-            try:
-                session_id = p.checked_session_id(frame.body.get("session_id"))
-            except p.ProtocolError:
-                return
-            session = self.registry.get(session_id)
-            if session is None:
-                continue  # closed meanwhile (or never ours): the client will time out or has moved on
-            await self._step(session, frame, relay=False)
+                while True:
+                    try:
+                        frame = await framed.receive(timeout=self.idle_timeout)
+                    except STREAM_ERRORS:
+                        return
+                    if frame.type != p.PUSH:
+                        return  # peers speak this protocol correctly or not at all
+                    try:
+                        session_id = p.checked_session_id(frame.body.get("session_id"))
+                    except p.ProtocolError:
+                        return
+                    session = self.registry.get(session_id)
+                    if session is None:
+                        continue  # closed meanwhile (or never ours): the client will time out or has moved on
+                    for _ in range(2):
+                        if session_id not in workers:
+                            send, receive = trio.open_memory_channel(PUSH_QUEUE_FRAMES)
+                            workers[session_id] = send
+                            nursery.start_soon(self._push_worker, session, send, receive, workers)
+                        try:
+                            await workers[session_id].send(frame)  # a full queue holds the channel back
+                            break
+                        except trio.BrokenResourceError:  # its worker just ended (idle): start another
+                            workers.pop(session_id, None)
+            finally:
+                for send in workers.values():
+                    send.close()  # the workers finish what they hold, then end
+
+    async def _push_worker(self, session: ActiveSession, send: trio.MemorySendChannel,
+                           frames: trio.MemoryReceiveChannel, workers: dict[bytes, trio.MemorySendChannel]) -> None:
+        """One session's pushed steps, in arrival order, until the session or the channel ends (a
+        worker of a quiet session checks every PUSH_WORKER_IDLE whether its session still exists)."""
+        async with frames:
+            while self.registry.get(session.session_id) is session:
+                frame = None
+                with trio.move_on_after(PUSH_WORKER_IDLE):
+                    try:
+                        frame = await frames.receive()
+                    except trio.EndOfChannel:
+                        break
+                if frame is not None and self.registry.get(session.session_id) is session:
+                    await self._step(session, frame, relay=False)
+        if workers.get(session.session_id) is send:
+            del workers[session.session_id]
 
     # ------------------------------------------------------------------ one step
 
@@ -290,6 +339,7 @@ class InferenceHandler:
         return {"peer_id": self.host.get_id().to_base58(), "model_key": self.model_key,
                 "start": self.span.start, "end": self.span.end, "sessions": len(self.registry),
                 "free_cache_tokens": self.registry.free_tokens, "steps": self.stats.steps,
+                "push_channels": {"open": len(self.push_channels), "opened": self.push_channels.opened},
                 "batching": self.scheduler.stats.as_dict() if self.scheduler is not None else None,
                 "faults": {"corrupted_steps": self.faults.corrupted_steps, "dropped_steps": self.faults.dropped_steps}
                 if self.faults.active else None}

@@ -175,7 +175,7 @@ class PeerServer:
                     set_protocol_handler(host, protocol_id, stream_handler)
                 set_protocol_handler(host, p.INFO_PROTOCOL, framed_handler(handler.handle_info))
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(handler.run_scheduler)
+                    await nursery.start(handler.run_workers)
                     await self._start_direct_channels(host, data_handlers, nursery)
                     if self.config.metrics_port is not None:
                         from molink.peer.metrics import serve_metrics

@@ -173,12 +173,12 @@ def run_handler_session(span, first: Frame, rest: list[Frame]) -> list[Frame]:
     async def main():
         registry = SessionRegistry(10_000)
         handler = InferenceHandler(span, "key", registry, host=None, idle_timeout=5.0, throughput=0.0)
-        run_scheduler = getattr(handler, "run_scheduler", None)
+        run_workers = getattr(handler, "run_workers", None)
         client_end, peer_end = trio.testing.memory_stream_pair()
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                if run_scheduler is not None:
-                    await nursery.start(run_scheduler)
+                if run_workers is not None:
+                    await nursery.start(run_workers)
 
                 async def serve():
                     async with open_framed_stream(MemoryStream(peer_end)) as framed:

@@ -29,6 +29,7 @@ from molink.peer.model_key import model_key_for
 from molink.peer.span import SpanModel
 from molink.swarm import DistributedModelForCausalLM
 from molink.swarm import inference_session
+from molink.swarm.generation import merged_generation_config
 from molink.swarm.inference_session import RemoteSession
 from molink.swarm.local_swarm import LocalSwarm
 from molink.swarm.model import LocalSpanChain, LocalSpansModelForCausalLM
@@ -206,6 +207,39 @@ def test_sessions_striped_over_lanes_stay_exact(tiny_llama, swarm, reference, mo
         ids, mask = prompts(1, length=300, seed=8)
         assert_same_generation(model, reference, ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert lanes == [3, 3, 3]
+
+
+def test_sessions_share_one_warm_push_channel_per_peer_pair(tiny_llama, swarm, reference):
+    """Each peer pushes every session's outputs to the next peer over one shared channel, opened once
+    and kept (peer/push_channels.py): sessions one after another and side by side stay exact."""
+    addresses = [peer.address for peer in swarm.peers[:len(SPANS)]]
+    before = [info["push_channels"]["opened"] for info in trio.run(peer_infos, addresses)]
+    with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
+        for seed in (11, 12):
+            assert_same_generation(model, reference, *prompts(1, seed=seed), max_new_tokens=8, min_new=8,
+                                   do_sample=False)
+        ids, mask = prompts(2, seed=13)
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+
+        async def side_by_side():
+            results = [None, None]
+
+            async def one(row):
+                config = merged_generation_config(model.generation_config, max_new_tokens=8, do_sample=False)
+                results[row] = await model.generate_async(ids[row:row + 1], mask[row:row + 1], config, None)
+
+            async with trio.open_nursery() as nursery:
+                for row in range(2):
+                    nursery.start_soon(one, row)
+            return results
+
+        for row, got in enumerate(model._run(side_by_side)):
+            assert torch.equal(got[0, -8:], expected[row, -8:])
+    infos = trio.run(peer_infos, addresses)
+    # the first two peers push (the last answers the client): four sessions, at most one new
+    # channel each (none if an earlier test's is still open), and one open now
+    assert all(info["push_channels"]["opened"] - b <= 1 for info, b in zip(infos[:2], before))
+    assert [info["push_channels"]["open"] for info in infos] == [1, 1, 0]
 
 
 @pytest.mark.parametrize("relay", [False, True], ids=["push", "relay"])
