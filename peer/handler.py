@@ -40,6 +40,8 @@ OPEN_TIMEOUT = 10.0
 NEXT_HOP_CONNECT_TIMEOUT = 5.0
 PUSH_QUEUE_FRAMES = 16  # a session's pushed steps waiting for its worker (prompt chunks come 8 at once)
 PUSH_WORKER_IDLE = 10.0
+REUSE_TIMEOUT = 30.0  # a client stream whose session closed cleanly waits this long for the next open
+MAX_IDLE_STREAMS_PER_CLIENT = 16  # such waiting streams per client; more are closed at once
 
 
 @dataclass
@@ -69,6 +71,7 @@ class InferenceHandler:
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
         self.push_channels = PushChannels(self._dial_next_hop)  # one shared channel per next-hop peer
+        self._idle_streams: dict[str, int] = {}  # client -> its streams waiting for a next session here
 
     async def run_workers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The handler's background work (nursery.start it before serving): the step scheduler's
@@ -82,27 +85,51 @@ class InferenceHandler:
     # ------------------------------------------------------------------ client sessions
 
     async def handle_inference(self, framed: FramedStream) -> None:
+        """Sessions on one client stream, one after another: a client keeps the stream of a session
+        that closed cleanly for its next session to this peer (swarm/channel_pool.py)."""
         client = client_of(framed)
-        async with AsyncExitStack() as stack:
-            try:
-                with self.open_gate.opening(client):  # refused at once when too many opens are under way
-                    session = await self._accept_session(framed, stack, client)
-            except LimitExceeded as exc:
-                await self._send_error(framed, 0, exc.code, str(exc), limit=exc.limit)
+        first: Frame | None = None  # the next session's open, read while the stream waited for it
+        while True:
+            async with AsyncExitStack() as stack:
+                try:
+                    with self.open_gate.opening(client):  # refused at once when too many opens are under way
+                        session = await self._accept_session(framed, stack, client, first)
+                except LimitExceeded as exc:
+                    await self._send_error(framed, 0, exc.code, str(exc), limit=exc.limit)
+                    return
+                if session is None:
+                    return
+                try:
+                    closed_cleanly = await self._serve_session(framed, session)
+                finally:
+                    self.registry.remove(session.session_id)
+            first = await self._await_next_open(framed, client) if closed_cleanly else None
+            if first is None:
                 return
-            if session is None:
-                return
-            try:
-                await self._serve_session(framed, session)
-            finally:
-                self.registry.remove(session.session_id)
 
-    async def _accept_session(self, framed: FramedStream, stack: AsyncExitStack,
-                              client: str | None) -> ActiveSession | None:
+    async def _await_next_open(self, framed: FramedStream, client: str | None) -> Frame | None:
+        """The first frame of the client's next session on this stream, or None (it left, took too
+        long, or already keeps MAX_IDLE_STREAMS_PER_CLIENT streams waiting here)."""
+        key = client or "?"
+        if self._idle_streams.get(key, 0) >= MAX_IDLE_STREAMS_PER_CLIENT:
+            return None
+        self._idle_streams[key] = self._idle_streams.get(key, 0) + 1
         try:
-            first = await framed.receive(timeout=OPEN_TIMEOUT)
+            return await framed.receive(timeout=REUSE_TIMEOUT)
         except STREAM_ERRORS:
             return None
+        finally:
+            self._idle_streams[key] -= 1
+            if not self._idle_streams[key]:
+                del self._idle_streams[key]
+
+    async def _accept_session(self, framed: FramedStream, stack: AsyncExitStack, client: str | None,
+                              first: Frame | None = None) -> ActiveSession | None:
+        if first is None:
+            try:
+                first = await framed.receive(timeout=OPEN_TIMEOUT)
+            except STREAM_ERRORS:
+                return None
         if first.type != p.OPEN:
             await self._send_error(framed, first.request_id, p.BAD_REQUEST, f"expected open, got {first.type!r}")
             return None
@@ -174,17 +201,18 @@ class InferenceHandler:
                 logger.info("next hop %s: %s%s", next_hop.peer_id, exc, "" if reconnect else "; reconnecting")
         raise p.ProtocolError(p.NEXT_HOP_UNREACHABLE, f"cannot reach next hop {next_hop.peer_id}: {failure}")
 
-    async def _serve_session(self, framed: FramedStream, session: ActiveSession) -> None:
+    async def _serve_session(self, framed: FramedStream, session: ActiveSession) -> bool:
+        """Serve until the session ends; True when the client closed it (the stream may carry another)."""
         while True:
             idle_left = self.idle_timeout - (time.monotonic() - session.last_used)
             if idle_left <= 0:
                 await self._send_error(framed, 0, p.SESSION_EXPIRED, f"session idle for {self.idle_timeout:.0f} s")
-                return
+                return False
             age_left = self.limits.max_session_seconds - (time.monotonic() - session.opened_at)
             if age_left <= 0:
                 await self._send_error(framed, 0, p.SESSION_EXPIRED, "session reached this peer's maximum "
                                        f"duration of {self.limits.max_session_seconds:.0f} s", limit="session_seconds")
-                return
+                return False
             try:
                 frame = await framed.receive(timeout=min(idle_left, age_left))
             except ReceiveTimeout:
@@ -192,15 +220,15 @@ class InferenceHandler:
             except STREAM_ERRORS as exc:
                 if not isinstance(exc, ClosedByPeer):
                     logger.info("session %s: client stream ended: %s", session.session_id.hex()[:8], exc)
-                return
+                return False
             if frame.type == p.STEP:
                 await self._step(session, frame, relay=bool(frame.body.get("relay", False)))
             elif frame.type == p.CLOSE:
                 try:
                     await framed.send(Frame(p.CLOSED, frame.request_id, {}))
                 except STREAM_ERRORS:
-                    pass  # the client said close and left without waiting: fine
-                return
+                    return False  # the client said close and left without waiting: fine
+                return True
             else:
                 await self._send_error(framed, frame.request_id, p.BAD_REQUEST, f"unexpected {frame.type!r}")
 

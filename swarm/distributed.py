@@ -36,6 +36,7 @@ from molink.swarm.loop import BackgroundLoop
 from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
 from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
+from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.spot_check import Auditor, SpotCheckConfig
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self._refreshing: trio.Event | None = None
         self._shutdown: trio.Event | None = None
         self._loop = BackgroundLoop()
+        # streams of sessions that closed cleanly, warm for the next session to the same peer
+        self.channel_pool = ChannelPool(lambda: self._loop.nursery)
         try:
             self.host, self.dht = self._loop.call(self._loop.nursery.start, self._network)
         except BaseException:
@@ -155,7 +158,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
             random.shuffle(candidates)  # a liar must not be able to predict who checks it
             for record in candidates[:VERIFIER_TRIES]:
                 session = RemoteSession(self.host, [RouteHop(record, start, end)], self.model_key, batch_size,
-                                        max_length, self.config.hidden_size, relay=True, direct=self.direct)
+                                        max_length, self.config.hidden_size, relay=True, direct=self.direct,
+                                        pool=self.channel_pool)
                 try:
                     await self._loop.nursery.start(session.run)
                     return session
@@ -218,7 +222,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
                                 self.config.hidden_size, relay=self.relay, on_closed=self._session_closed,
-                                direct=self.direct, tap=self.spot_check.rate > 0, compression=self.compression)
+                                direct=self.direct, tap=self.spot_check.rate > 0, compression=self.compression,
+                                pool=self.channel_pool)
         self.active_sessions.update(hop.peer_id for hop in route)
         try:
             await self._loop.nursery.start(session.run)

@@ -25,6 +25,7 @@ from molink.dht.codec_policy import DEFAULT_COMPRESSION, encode_hidden
 from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
+from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.routing import RouteHop
 from molink.swarm.spot_check import TappedStep
 
@@ -68,7 +69,7 @@ class RemoteSession:
     def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
                  hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT,
                  on_closed=None, direct: bool = True, tap: bool = False,
-                 compression: str = DEFAULT_COMPRESSION):
+                 compression: str = DEFAULT_COMPRESSION, pool: ChannelPool | None = None):
         self.host = host
         self.route = route
         self.model_key = model_key
@@ -79,6 +80,9 @@ class RemoteSession:
         self.direct = direct  # direct data channels where peers offer them (molink.dht.direct)
         self.step_timeout = step_timeout
         self.streams: list[FramedStream] = []
+        self.pool = pool  # warm streams from earlier sessions, and where ours go back (channel_pool.py)
+        self._closed_cleanly: set[int] = set()  # hops that answered our `close`: their streams may be reused
+        self._stepping = False  # a step is under way (or was cut short by an error or a cancel)
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
         self._closing = trio.Event()
         self._closed = trio.Event()
@@ -132,9 +136,11 @@ class RemoteSession:
                 await self._closed.wait()
 
     async def _open_streams(self, stack: AsyncExitStack) -> None:
-        """One stream per hop. The network part (connect, ticket, TCP) of every hop runs in parallel
-        — on a WAN each is several round trips — then each is framed (no I/O) in route order."""
+        """One stream per hop: a warm one from the pool, else a new one. The network part (connect,
+        ticket, TCP) of every new hop runs in parallel — on a WAN each is several round trips —
+        then each is framed (no I/O) in route order."""
         raw: list = [None] * len(self.route)
+        warm = [self.pool.take(hop.peer_id) if self.pool is not None else None for hop in self.route]
 
         async def open_one(index: int, hop: RouteHop) -> None:
             try:
@@ -150,16 +156,27 @@ class RemoteSession:
         try:
             async with trio.open_nursery() as nursery:
                 for index, hop in enumerate(self.route):
-                    nursery.start_soon(open_one, index, hop)
+                    if warm[index] is None:
+                        nursery.start_soon(open_one, index, hop)
         except BaseException:
-            for stream in raw:
+            for index, stream in enumerate(raw):
                 if stream is not None:
                     await release_data_stream(stream)
+                if warm[index] is not None:
+                    self.pool.release(self.route[index].peer_id, warm[index], reuse=True)
             raise
-        for stream in raw:
-            self.streams.append(await stack.enter_async_context(framed_data_stream(
-                stream, limits=p.PEER_WIRE_LIMITS, heartbeat_interval=HEARTBEAT_INTERVAL,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT)))
+        options = dict(limits=p.PEER_WIRE_LIMITS, heartbeat_interval=HEARTBEAT_INTERVAL,
+                       heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        for index, stream in enumerate(raw):
+            if self.pool is None:
+                self.streams.append(await stack.enter_async_context(framed_data_stream(stream, **options)))
+                continue
+            framed = warm[index] if warm[index] is not None else await self.pool.adopt(stream, **options)
+            self.streams.append(framed)
+            stack.callback(self._release_stream, index, framed)
+
+    def _release_stream(self, index: int, framed: FramedStream) -> None:
+        self.pool.release(self.route[index].peer_id, framed, reuse=index in self._closed_cleanly)
 
     async def _dial(self, hop: RouteHop, reconnect: bool):
         await connect_peer(self.host, with_peer_id(hop.record.addrs, hop.peer_id), timeout=CONNECT_TIMEOUT,
@@ -185,12 +202,24 @@ class RemoteSession:
                     waiting.discard(index)
 
     async def _say_goodbye(self) -> None:
+        """`close` to every hop; a hop that answers `closed` leaves its stream fit for reuse."""
         with trio.move_on_after(2):
             for index, stream in enumerate(self.streams):
                 try:
                     await stream.send(Frame(p.CLOSE, 0, {}))
                 except STREAM_ERRORS:
                     pass
+            if self.pool is None or self._stepping:
+                return  # nothing to keep them for / a step was cut short: its answers may trail
+            waiting = set(range(len(self.streams)))
+            try:
+                while waiting:
+                    index, frame = await self._next_event()
+                    if frame.type == p.CLOSED:
+                        waiting.discard(index)
+                        self._closed_cleanly.add(index)
+            except InferenceError:
+                pass
 
     async def _pump(self, index: int, stream: FramedStream) -> None:
         """Read one hop's stream forever, forwarding frames (or its failure) to the step in flight."""
@@ -237,6 +266,7 @@ class RemoteSession:
             raise InferenceError(f"session is closed ({self._failure})")
         self._step += 1
         step = self._step
+        self._stepping = True
         try:
             if self.relay:
                 replies = []
@@ -247,11 +277,13 @@ class RemoteSession:
                     replies.append((reply, hidden_states))
                 if self.tap:
                     self._record_relayed(step, replies)
+                self._stepping = False
                 return hidden_states
             out, reply = await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, new_mask,
                                                    relay=False, last=last_only)
             if self.tap:
                 await self._record_pushed(step, reply, out)
+            self._stepping = False
             return out
         except trio.TooSlowError:
             raise InferenceError(f"step {step} got no answer within {self.step_timeout} s") from None
@@ -266,6 +298,7 @@ class RemoteSession:
         if self._closing.is_set() or self._failure is not None:
             raise InferenceError(f"session is closed ({self._failure})")
         sent: list[tuple[int, int]] = []
+        self._stepping = True
         try:
             for hidden, mask in items:
                 self._step += 1
@@ -283,6 +316,7 @@ class RemoteSession:
             if self.tap:  # after every result: a result must never arrive while we wait for a tap
                 for step, reply, out in answers:
                     await self._record_pushed(step, reply, out)
+            self._stepping = False
             return [out for _, _, out in answers]
         except trio.TooSlowError:
             raise InferenceError(f"steps {sent[0][0]}..{sent[-1][0]} got no answer within {self.step_timeout} s") from None

@@ -168,3 +168,29 @@ async def test_frames_larger_than_the_session_can_use_are_refused(span):
                     await client.receive(timeout=10)
             nursery.cancel_scope.cancel()
     assert len(registry) == 0
+
+
+async def test_a_cleanly_closed_stream_carries_the_next_session_but_idle_ones_are_bounded(span, monkeypatch):
+    """A client keeps the stream of a session it closed for its next one (swarm/channel_pool.py);
+    the peer keeps at most MAX_IDLE_STREAMS_PER_CLIENT such streams waiting, and only REUSE_TIMEOUT."""
+    monkeypatch.setattr("molink.peer.handler.MAX_IDLE_STREAMS_PER_CLIENT", 1)
+    monkeypatch.setattr("molink.peer.handler.REUSE_TIMEOUT", 3.0)
+    handler, registry = handler_with(span)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with open_framed_stream(await serve_pair(nursery, handler)) as kept, \
+                    open_framed_stream(await serve_pair(nursery, handler)) as other:
+                for session_id in (b"a" * 16, b"b" * 16):  # two sessions, one after the other, one stream
+                    assert (await kept.request(open_frame(session_id), timeout=10)).type == p.OPENED
+                    assert (await kept.request(step_frame(span, 3), timeout=10)).type == p.RESULT
+                    assert (await kept.request(Frame(p.CLOSE, 9, {}), timeout=10)).type == p.CLOSED
+                # `kept` now waits for a third session: alice's one idle stream; `other` is closed
+                assert (await other.request(open_frame(b"c" * 16), timeout=10)).type == p.OPENED
+                assert (await other.request(Frame(p.CLOSE, 9, {}), timeout=10)).type == p.CLOSED
+                with pytest.raises(STREAM_ERRORS):
+                    await other.receive(timeout=10)
+                assert handler._idle_streams == {"alice": 1}  # `kept` still waits; `other` did not
+                with pytest.raises(STREAM_ERRORS):  # and `kept` goes after REUSE_TIMEOUT
+                    await kept.receive(timeout=10)
+            nursery.cancel_scope.cancel()
+    assert len(registry) == 0

@@ -211,13 +211,15 @@ def test_sessions_striped_over_lanes_stay_exact(tiny_llama, swarm, reference, mo
 
 def test_sessions_share_one_warm_push_channel_per_peer_pair(tiny_llama, swarm, reference):
     """Each peer pushes every session's outputs to the next peer over one shared channel, opened once
-    and kept (peer/push_channels.py): sessions one after another and side by side stay exact."""
+    and kept (peer/push_channels.py), and the client's next session takes the streams of the one
+    before (swarm/channel_pool.py): sessions one after another and side by side stay exact."""
     addresses = [peer.address for peer in swarm.peers[:len(SPANS)]]
     before = [info["push_channels"]["opened"] for info in trio.run(peer_infos, addresses)]
     with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
         for seed in (11, 12):
             assert_same_generation(model, reference, *prompts(1, seed=seed), max_new_tokens=8, min_new=8,
                                    do_sample=False)
+        assert model.channel_pool.reused == 3  # the second session: every hop's stream was warm
         ids, mask = prompts(2, seed=13)
         expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
 
