@@ -193,8 +193,8 @@ def run_handler_session(span, first: Frame, rest: list[Frame]) -> list[Frame]:
                             break  # reserved type, or the handler already hung up
                     try:
                         await client.send(Frame(p.CLOSE, 3, {}))
-                        while True:
-                            replies.append(await client.receive(timeout=10))
+                        while not replies or replies[-1].type != p.CLOSED:  # then it would wait for
+                            replies.append(await client.receive(timeout=10))  # our next session
                     except STREAM_ERRORS:
                         pass
                 nursery.cancel_scope.cancel()
