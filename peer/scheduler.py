@@ -22,12 +22,19 @@ waits ~0.15 ms at most, a 17 ms one (10 SmolLM2 blocks on one CPU core) up to `w
 session never waits. Steps that arrive while a forward runs simply queue: most batching comes
 from there.
 
+Where a forward runs: one predicted to take under INLINE_COMPUTE_SECONDS runs on the event loop
+(a thread hand-off costs more than a tiny model's whole forward); the prediction scales the
+measured one-row cost with the rows like a decode forward does (flat up to FREE_ROWS rows: it
+reads every weight once however many rows it carries; see swarm/pipeline_cost.py's BLOCKS_CURVE),
+so a tiny model's batch of 30 sessions still runs inline.
+
 Admission is the session registry's (memory_cache.py: KV budget and session count, `busy`
 beyond); here `max_rows` bounds one forward's batch and so its latency and transient memory.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -47,6 +54,28 @@ ACTIVE_HORIZON = 0.5  # a session that sent a decode step this recently is expec
 ARRIVAL_GAP = 0.001  # no step for this long: the burst from the previous peer is over
 STEP_DEADLINE = 300.0  # a step not computed by then fails instead of hanging its session
 INLINE_COMPUTE_SECONDS = 0.002  # shorter forwards run on the event loop: a thread hand-off costs ~0.3 ms
+# a forward's cost relative to one row: flat up to FREE_ROWS rows, then +1 per ROWS_PER_EXTRA rows
+# (swarm/pipeline_cost.py's BLOCKS_CURVE, measured on CPU; a prompt chunk counts each token as a row)
+FREE_ROWS, ROWS_PER_EXTRA = 8, 28
+
+
+# Python's cyclic collector, tuned once per process that serves steps (a peer, a client). Every step
+# of every session allocates a few hundred short-lived objects (frames, dicts, trio's tasks and
+# cancel scopes), so at the default threshold a young collection runs every 700 allocations; with
+# torch and transformers loaded each took ~1 ms (a client at 32 tiny sessions: 1.2 s of collections
+# in 27 s, 0.6 s of it two full passes, each a stall of every session). Every YOUNG_THRESHOLD
+# allocations instead: 0.1 s in that run, and no full pass. Nothing is exempt from collection;
+# cyclic garbage here is rare and small. MOLINK_GC_TUNING=0 leaves the collector as it is.
+YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Space young collections out (see above); idempotent, and never lowers a larger threshold."""
+    if os.environ.get("MOLINK_GC_TUNING", "1") in ("0", "off", "false"):
+        return
+    young, middle, old = gc.get_threshold()
+    if 0 < young < YOUNG_THRESHOLD:
+        gc.set_threshold(YOUNG_THRESHOLD, middle, old)
 
 
 @dataclass(frozen=True)
@@ -154,6 +183,7 @@ class StepScheduler:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The worker: start it with nursery.start; it runs until cancelled, then fails what is left."""
+        tune_gc()  # the span is loaded: from here on this process serves steps
         self._running = True
         task_status.started()
         try:
@@ -178,12 +208,20 @@ class StepScheduler:
         if self.config.window <= 0 or not any(item.is_decode for item in self._queue):
             return
         deadline = trio.current_time() + self._window()
-        while self._missing_decodes() > 0:
+        # the sessions expected this round, minus those already queued; arrivals are checked off as
+        # they come (each arrival costs O(1), not a pass over every session)
+        missing = self._active_decodes() - {id(item.work.session) for item in self._queue if item.is_decode}
+        seen = len(self._queue)
+        while missing:
             self._arrival = trio.Event()
             with trio.move_on_at(min(deadline, trio.current_time() + ARRIVAL_GAP)):
                 await self._arrival.wait()
             if not self._arrival.is_set():
                 return  # the window is over, or the burst is
+            for item in self._queue[seen:]:
+                if item.is_decode:
+                    missing.discard(id(item.work.session))
+            seen = len(self._queue)
 
     def _window(self) -> float:
         """Half a single-token forward of the span (see the module doc), at most config.window."""
@@ -193,13 +231,13 @@ class StepScheduler:
         session = item.work.session
         return min(self.config.window, 0.5 * (session.end - session.start) / self.throughput)
 
-    def _missing_decodes(self) -> int:
+    def _active_decodes(self) -> set[int]:
+        """The sessions that sent a decode step within ACTIVE_HORIZON and are still open."""
         now = time.monotonic()
         for key in [k for k, (t, ref) in self._last_decode.items()
                     if now - t > ACTIVE_HORIZON or ref() is None or ref().cache is None]:
             del self._last_decode[key]
-        queued = {id(item.work.session) for item in self._queue if item.is_decode}
-        return len(self._last_decode.keys() - queued)
+        return set(self._last_decode)
 
     # ------------------------------------------------------------------ one round
 
@@ -272,7 +310,7 @@ class StepScheduler:
     async def _execute(self, job: Job) -> None:
         """Run one job inline (tiny) or in a worker thread, then wake the steps it finished."""
         try:
-            if self.throughput and job.tokens * _blocks(job) / self.throughput < INLINE_COMPUTE_SECONDS:
+            if self.throughput and forward_seconds(job.tokens, _blocks(job), self.throughput) < INLINE_COMPUTE_SECONDS:
                 job.run()
             else:
                 await trio.to_thread.run_sync(job.run)
@@ -280,10 +318,16 @@ class StepScheduler:
             for item in job.steps:
                 if item.result is None and item.error is None:
                     item.error = exc
-        for item in job.steps:
-            if item.result is not None or item.error is not None:
-                self._queue = [other for other in self._queue if other is not item]  # a finished prompt
-                item.done.set()
+        finished = [item for item in job.steps if item.result is not None or item.error is not None]
+        if any(not item.is_decode for item in finished):  # a finished prompt leaves the queue
+            self._queue = [other for other in self._queue if other not in finished]  # (decodes left it in _plan)
+        for item in finished:
+            item.done.set()
+
+
+def forward_seconds(rows: int, blocks: int, throughput: float) -> float:
+    """Predicted time of one forward of `rows` token rows through `blocks` blocks (module doc)."""
+    return blocks / throughput * (1.0 + max(0, rows - FREE_ROWS) / ROWS_PER_EXTRA)
 
 
 def work_tokens(item: PendingStep, chunk: int) -> int:

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 )
 
 from molink.peer.families import ClientHead
+from molink.peer.scheduler import tune_gc
 from molink.peer.span import positions_from_mask
 from molink.swarm.failover import RollBack
 from molink.swarm.head_batcher import HeadBatcher
@@ -142,6 +143,7 @@ async def generate_with_chain(head: ClientHead | HeadBatcher, chain: SpanChain, 
     `torch.Generator().manual_seed(s)` gives the samples of `torch.manual_seed(s)` + `generate`,
     whatever other generations run on the same loop meanwhile.
     """
+    tune_gc()  # the model is loaded: a client now serves steps (peer/scheduler.py)
     batcher = HeadBatcher.of(head)
     with batcher.generation():
         return await _sample(batcher, chain, input_ids, attention_mask, config, streamer,

@@ -184,7 +184,8 @@ class HeadBatcher:
         try:
             hidden = batch[0].hidden if len(batch) == 1 else torch.cat([r.hidden for r in batch], dim=0)
             logits = self.head.logits(hidden)[:, -1]
-            for request, part in zip(batch, torch.split(logits, rows, dim=0)):
+            parts = (logits,) if len(batch) == 1 else torch.split(logits, rows, dim=0)
+            for request, part in zip(batch, parts):
                 request.logits = part.to(copy=True, dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
             if len(batch) == 1:
