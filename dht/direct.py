@@ -36,6 +36,7 @@ from molink.dht.direct_channel import (  # noqa: F401 - re-exported: the channel
     CONNECT_TIMEOUT,
     HELLO,
     LANE_MAGIC,
+    LANE_RTT,
     MAGIC,
     MAX_LANES,
     RECORD_HEADER,
@@ -286,6 +287,12 @@ async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
                 await lane.aclose()
         raise
     return await dialer_handshake(sock, ticket, secret, timeout, extra)
+
+
+def is_long_path(addrs: Sequence[str]) -> bool:
+    """Did a connect to the TCP address among `addrs` take LANE_RTT or more (a WAN)? False if unknown."""
+    rtt = _connect_times.get(tcp_ip_of(addrs) or "")
+    return rtt is not None and rtt >= LANE_RTT
 
 
 async def _connect_lanes(ip: str, port: int, count: int, into: list[trio.SocketStream]) -> None:

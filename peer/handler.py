@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import trio
 from libp2p.peer.id import ID
 
-from molink.dht.direct import framed_data_stream, open_data_stream
+from molink.dht.direct import framed_data_stream, is_long_path, open_data_stream
 from molink.dht.host import ConnectError, connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
 from molink.dht.codec_policy import encode_hidden_async
@@ -70,7 +70,8 @@ class InferenceHandler:
         self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
-        self.push_channels = PushChannels(self._dial_next_hop)  # one shared channel per next-hop peer
+        # one shared channel per next-hop peer across a WAN (push_channels.py)
+        self.push_channels = PushChannels(self._dial_next_hop, share=lambda hop: is_long_path(hop.addrs))
         self._idle_streams: dict[str, int] = {}  # client -> its streams waiting for a next session here
 
     async def run_workers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
