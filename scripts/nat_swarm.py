@@ -84,14 +84,13 @@ def client_main(cfg: dict) -> None:
     hf_logging.set_verbosity_error()
     pipe = Pipe()
     hops: list[str] = []
-    dial = RemoteSession._dial
+    open_streams = RemoteSession._open_streams
 
-    async def recording_dial(self, hop, reconnect):
-        stream = await dial(self, hop, reconnect)
-        hops.append(transport_kind(stream))
-        return stream
+    async def recording_open_streams(self, stack):  # fresh or warm from the pool (swarm/channel_pool.py)
+        await open_streams(self, stack)
+        hops.extend(transport_kind(framed.stream) for framed in self.streams)
 
-    RemoteSession._dial = recording_dial
+    RemoteSession._open_streams = recording_open_streams
     vocab = load_config(cfg["model_dir"]).vocab_size
     prompt = prompt_of(cfg.get("prompt_tokens", 12), vocab)
     kill_after = cfg.get("kill_after")
