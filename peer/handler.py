@@ -236,11 +236,15 @@ class InferenceHandler:
     # ------------------------------------------------------------------ pushes from the previous hop
 
     async def handle_push(self, framed: FramedStream) -> None:
-        """Pushes from a previous hop: one channel carries the steps of all its sessions that go on
-        here (push_channels.py). Each session's steps run in order on a worker of its own, so
-        different sessions' steps meet in the scheduler's batches instead of queueing behind
-        each other on the channel."""
+        """Pushes from a previous hop: across a WAN one channel carries the steps of all its sessions
+        that go on here (push_channels.py). Each session's steps then run in order on a worker of
+        its own, so different sessions' steps meet in the scheduler's batches instead of queueing
+        behind each other on the channel. A channel that has carried one session only (a session's
+        own, on loopback and LANs) runs its steps inline: earlier steps are done before a second
+        session's first one arrives, so the order holds when the workers take over."""
         workers: dict[bytes, trio.MemorySendChannel] = {}
+        only: bytes | None = None  # the first session seen here; its steps run inline until another comes
+        shared = False
         async with trio.open_nursery() as nursery:
             try:
                 while True:
@@ -257,6 +261,12 @@ class InferenceHandler:
                     session = self.registry.get(session_id)
                     if session is None:
                         continue  # closed meanwhile (or never ours): the client will time out or has moved on
+                    only = session_id if only is None else only
+                    shared = shared or session_id != only
+                    if not shared:
+                        # a channel of one session's own (loopback, LAN): no hand-off to a worker
+                        await self._step(session, frame, relay=False)
+                        continue
                     for _ in range(2):
                         if session_id not in workers:
                             send, receive = trio.open_memory_channel(PUSH_QUEUE_FRAMES)

@@ -20,27 +20,20 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from wan_swarm import Pipe, TimingStreamer, prompt_of, wait_ready  # noqa: E402
+from wan_swarm import Pipe, TimingStreamer, node_env, prompt_of, spawn_node, wait_ready  # noqa: E402
 
 
 def start_nat_swarm(bed, model_dir, spans, workdir: Path, env: dict | None = None, threads: int = 1,
                     peer_args=()) -> list[str]:
     workdir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = node_env(threads, env)
 
     def spawn(host: str, args: list[str]):
-        ready = workdir / f"{host}.addr"
-        ready.unlink(missing_ok=True)
-        with open(workdir / f"{host}.log", "ab") as log:
-            proc = bed.run(host, [sys.executable, "-m", "molink.peer.cli", *args, "--listen",
-                                  f"/ip4/{bed.addr(host)}/tcp/0", "--ready-file", str(ready)],
-                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
-                           start_new_session=True)
+        host, proc, ready = spawn_node(bed, workdir, host, args, full_env)
         bed.roles = {**getattr(bed, "roles", {}), host: proc}
         return host, proc, ready
 

@@ -38,27 +38,34 @@ def wait_ready(workdir: Path, host: str, proc, ready: Path) -> str:
     raise RuntimeError(f"{host} not ready (exit {proc.poll()}):\n" + "\n".join(tail))
 
 
+def node_env(threads: int, extra: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def spawn_node(bed, workdir: Path, host: str, args: list[str], env: dict):
+    """`molink-peer ARGS` in host's namespace, listening on its bed address; (host, process, ready file)."""
+    ready = workdir / f"{host}.addr"
+    ready.unlink(missing_ok=True)
+    with open(workdir / f"{host}.log", "ab") as log:
+        # own session: Ctrl-C reaches only the owner, which stops the peers in order
+        proc = bed.run(host, [sys.executable, "-m", "molink.peer.cli", *args, "--listen",
+                              f"/ip4/{bed.addr(host)}/tcp/0", "--ready-file", str(ready)],
+                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                       start_new_session=True)
+    return host, proc, ready
+
+
 def start_swarm(bed, model_dir, spans, workdir: Path, threads: int = 1, extra_args=()) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-
-    def spawn(host: str, args: list[str]):
-        ready = workdir / f"{host}.addr"
-        ready.unlink(missing_ok=True)
-        with open(workdir / f"{host}.log", "ab") as log:
-            # own session: Ctrl-C reaches only the owner, which stops the peers in order
-            proc = bed.run(host, [sys.executable, "-m", "molink.peer.cli", *args, "--listen",
-                                  f"/ip4/{bed.addr(host)}/tcp/0", "--ready-file", str(ready)],
-                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                           start_new_session=True)
-        return host, proc, ready
+    env = node_env(threads)
 
     def wait(host, proc, ready) -> str:
         return wait_ready(workdir, host, proc, ready)
 
-    boot = wait(*spawn("boot", ["bootstrap"]))
-    peers = [spawn(f"p{i}", ["join", "--model", str(model_dir), "--blocks", f"{a}:{b}", "--initial-peers", boot,
-                             *extra_args]) for i, (a, b) in enumerate(spans)]
+    boot = wait(*spawn_node(bed, workdir, "boot", ["bootstrap"], env))
+    peers = [spawn_node(bed, workdir, f"p{i}", ["join", "--model", str(model_dir), "--blocks", f"{a}:{b}",
+                                                "--initial-peers", boot, *extra_args], env)
+             for i, (a, b) in enumerate(spans)]
     for peer in peers:
         wait(*peer)
     return boot
