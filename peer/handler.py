@@ -33,6 +33,7 @@ from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, Session
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
+from molink.peer.step_bundles import Outgoing, run_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ class InferenceHandler:
                 return False
             if frame.type == p.STEP:
                 await self._step(session, frame, relay=bool(frame.body.get("relay", False)))
+            elif frame.type == p.STEPS:  # this client's decode steps of several sessions (step_bundles.py)
+                await run_bundle(self, frame, session.client)
             elif frame.type == p.CLOSE:
                 try:
                     await framed.send(Frame(p.CLOSED, frame.request_id, {}))
@@ -252,6 +255,9 @@ class InferenceHandler:
                         frame = await framed.receive(timeout=self.idle_timeout)
                     except STREAM_ERRORS:
                         return
+                    if frame.type == p.PUSHES:  # several sessions' steps at once (step_bundles.py)
+                        await run_bundle(self, frame)
+                        continue
                     if frame.type != p.PUSH:
                         return  # peers speak this protocol correctly or not at all
                     try:
@@ -300,7 +306,10 @@ class InferenceHandler:
 
     # ------------------------------------------------------------------ one step
 
-    async def _step(self, session: ActiveSession, frame: Frame, relay: bool) -> None:
+    async def _step(self, session: ActiveSession, frame: Frame, relay: bool,
+                    outbox: list[Outgoing] | None = None) -> None:
+        """One step of a session; `outbox`: a bundled step's output waits there for the others'
+        (step_bundles.py) instead of leaving on its own."""
         session.touch()
         step, last_only = frame.body.get("step"), frame.body.get("last", False)
         try:
@@ -350,6 +359,9 @@ class InferenceHandler:
         try:
             if session.tap and target is session.push_stream:
                 await session.client_stream.send(Frame(p.TAP, frame.request_id, answer))
+            if outbox is not None:
+                outbox.append(Outgoing(session, frame.request_id, step, target, reply))
+                return
             await target.send(reply)
         except STREAM_ERRORS as exc:
             code = p.NEXT_HOP_UNREACHABLE if target is session.push_stream else p.INTERNAL

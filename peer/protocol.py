@@ -13,8 +13,14 @@ client -> peer, on INFERENCE_PROTOCOL (one long-lived stream per session per hop
          output; every hop of a tapped session adds `in_digest` (tensor_digest of the input it
          got) to its tap or result, so the client can tell whether a hop pushed what it tapped
   close  {}                            -> closed
+  steps  {items: [{session_id, step, hidden, mask}, ...]}   decode steps of several sessions of
+         this client, on the stream of one of them (peer/step_bundles.py): each item is served
+         like a `step` of its session
 peer -> next peer, on PUSH_PROTOCOL (one stream per session per hop)
   push   {session_id, step, hidden, mask}   (no reply: errors go to the client's stream)
+  pushes {items: [push body, ...]}          several sessions' pushed steps in one frame
+peer -> client: `results {items: [{session_id, step, hidden}, ...]}` on the stream of one of the
+  client's sessions: the last hop's answers to bundled steps (session_id: the last hop's)
 anyone -> peer, on INFO_PROTOCOL
   info   {}  -> info {peer_id, model_key, start, end, throughput, sessions, free_cache_tokens, version}
 Errors are `error {code, message, step[, limit]}`; codes below (`limit`: peer/session_limits.py).
@@ -38,6 +44,8 @@ INFO_PROTOCOL = "/molink/info/1.0.0"
 
 OPEN, OPENED, STEP, RESULT, CLOSE, CLOSED, PUSH, INFO, ERROR, TAP = (
     "open", "opened", "step", "result", "close", "closed", "push", "info", "error", "tap")
+STEPS, PUSHES, RESULTS = "steps", "pushes", "results"  # bundles of the above (peer/step_bundles.py)
+MAX_BUNDLE_ITEMS = 256  # steps in one bundle frame
 
 # error codes
 BAD_REQUEST = "bad_request"  # malformed or out-of-range input: the sender's fault
@@ -85,6 +93,15 @@ def _int_in(body: dict, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ProtocolError(BAD_REQUEST, f"field {name!r}={value} outside [{low}, {high}]")
     return value
+
+
+def bundle_items(body: dict) -> list[dict]:
+    """The items of a steps/pushes/results frame: a list of at most MAX_BUNDLE_ITEMS maps."""
+    items = body.get("items")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_BUNDLE_ITEMS \
+            or not all(isinstance(item, dict) for item in items):
+        raise ProtocolError(BAD_REQUEST, f"items must be a list of 1..{MAX_BUNDLE_ITEMS} maps")
+    return items
 
 
 def checked_session_id(value: Any, name: str = "session_id") -> bytes:

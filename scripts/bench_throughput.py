@@ -8,7 +8,9 @@
 Two swarms of 3 peer processes each (+ a bootstrap each) on 127.0.0.1, the model split evenly:
 one with batching on (peer/scheduler.py: continuous batching, decode first), one started with
 `--no-batching` (every step alone, as they come: what the peers did before). Both stay up the
-whole run; for every concurrency level the two are measured one after the other.
+whole run; for every concurrency level the two are measured one after the other, and the batching
+swarm once more from a client that sends every decode step in a frame of its own ("unbundled":
+swarm/step_bundles.py off; the default client bundles the steps that are ready together).
 
 A level = N sessions started at once from one client process (async, on the client's event loop),
 each a greedy generation of --new-tokens tokens from its own random prompt, EOS off. Every token's
@@ -53,7 +55,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_latency import git_state, loadavg, percentile  # noqa: E402
 
-MODES = ("on", "off")
+MODES = ("on", "off")  # the two swarms: peers batching or not
+# levels also run "unbundled": the batching swarm, from a client that sends every decode step in a
+# frame of its own (swarm/step_bundles.py off), to show what bundling the steps adds
+LEVEL_MODES = ("on", "unbundled", "off")
 # sessions open this far apart: 64 sessions x 3 hops dialled in the same millisecond is a connection
 # storm, not the load we measure (the steady-state window starts once all have started anyway)
 OPEN_STAGGER = 0.01
@@ -245,13 +250,19 @@ def bench_model(name: str, model_dir: Path, args, stack: contextlib.ExitStack, w
             model_dir, swarm.initial_peers, spot_check=args.spot_check))
         clients[mode].generation_config.eos_token_id = None  # every session makes every token
         run_sessions(clients[mode], prompts_for(2, args.prompt_tokens, config.vocab_size, 0), 4)  # warm-up
+    swarms["unbundled"] = swarms["on"]
+    clients["unbundled"] = stack.enter_context(DistributedModelForCausalLM.from_pretrained(
+        model_dir, swarms["on"].initial_peers, spot_check=args.spot_check))
+    clients["unbundled"].step_bundles = None
+    clients["unbundled"].generation_config.eos_token_id = None
+    run_sessions(clients["unbundled"], prompts_for(2, args.prompt_tokens, config.vocab_size, 0), 4)
     levels = []
     for n in args.sessions:
-        for mode in MODES:
+        for mode in LEVEL_MODES:
             row = {"mode": mode, **measure_level(clients[mode], swarms[mode], n, args, config.vocab_size)}
             levels.append(row)
             save_partial(args, {"model": name, "levels": levels, "partial": True})
-            log(f"{name}: {n:3d} sessions, batching {mode:3s}: {row['tokens_per_s']:7.1f} tok/s, ITL p50 "
+            log(f"{name}: {n:3d} sessions, batching {mode:9s}: {row['tokens_per_s']:7.1f} tok/s, ITL p50 "
                 f"{row['itl_p50_ms']:.1f} ms p99 {row['itl_p99_ms']:.1f} ms, mean batch {row['mean_batch']}")
     micro = []
     for setting in args.micro_batches if args.batch_rows else []:

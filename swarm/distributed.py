@@ -37,6 +37,7 @@ from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
 from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 from molink.swarm.channel_pool import ChannelPool
+from molink.swarm.step_bundles import StepBundles, bundles_enabled
 from molink.swarm.spot_check import Auditor, SpotCheckConfig
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
         self._loop = BackgroundLoop()
         # streams of sessions that closed cleanly, warm for the next session to the same peer
         self.channel_pool = ChannelPool(lambda: self._loop.nursery)
+        # concurrent generations' decode steps share frames hop to hop (swarm/step_bundles.py)
+        self.step_bundles = StepBundles() if bundles_enabled() else None
         try:
             self.host, self.dht = self._loop.call(self._loop.nursery.start, self._network)
         except BaseException:
@@ -223,7 +226,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
                                 self.config.hidden_size, relay=self.relay, on_closed=self._session_closed,
                                 direct=self.direct, tap=self.spot_check.rate > 0, compression=self.compression,
-                                pool=self.channel_pool)
+                                pool=self.channel_pool, bundles=self.step_bundles)
         self.active_sessions.update(hop.peer_id for hop in route)
         try:
             await self._loop.nursery.start(session.run)

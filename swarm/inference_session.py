@@ -28,6 +28,7 @@ from molink.peer import protocol as p
 from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.routing import RouteHop
 from molink.swarm.spot_check import TappedStep
+from molink.swarm.step_bundles import StepBundles
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class RemoteSession:
     def __init__(self, host, route: list[RouteHop], model_key: str, batch_size: int, max_length: int,
                  hidden_size: int, relay: bool = False, step_timeout: float = DEFAULT_STEP_TIMEOUT,
                  on_closed=None, direct: bool = True, tap: bool = False,
-                 compression: str = DEFAULT_COMPRESSION, pool: ChannelPool | None = None):
+                 compression: str = DEFAULT_COMPRESSION, pool: ChannelPool | None = None,
+                 bundles: StepBundles | None = None):
         self.host = host
         self.route = route
         self.model_key = model_key
@@ -95,6 +97,9 @@ class RemoteSession:
         self.tapped: list[TappedStep] = []
         self._sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (hop 0 input, mask) until tapped
         self._taps: dict[tuple[int, int], Frame] = {}  # (hop, step) -> tap frame that came early
+        # decode steps travel bundled with other sessions' (step_bundles.py): push mode only
+        self.bundles = bundles if not relay else None
+        self.session_ids: list[bytes] = []  # ours at each hop, once opened
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,6 +113,8 @@ class RemoteSession:
                     for index, stream in enumerate(self.streams):
                         nursery.start_soon(self._pump, index, stream)
                     await self._open_sessions()
+                    if self.bundles is not None:
+                        self.bundles.register(self)
                     started = True
                     task_status.started()
                     await self._closing.wait()
@@ -119,6 +126,8 @@ class RemoteSession:
             self._failure = exc
             logger.debug("session ended with %r", exc)
         finally:
+            if self.bundles is not None and self.session_ids:
+                self.bundles.unregister(self)
             self._closed.set()
             if self.on_closed is not None:
                 self.on_closed(self)
@@ -185,7 +194,7 @@ class RemoteSession:
                                       p.INFERENCE_PROTOCOL, direct=self.direct, open_timeout=CONNECT_TIMEOUT)
 
     async def _open_sessions(self) -> None:
-        session_ids = [os.urandom(p.SESSION_ID_BYTES) for _ in self.route]
+        session_ids = self.session_ids = [os.urandom(p.SESSION_ID_BYTES) for _ in self.route]
         for index, (hop, stream) in enumerate(zip(self.route, self.streams)):
             nxt = None
             if index + 1 < len(self.route) and not self.relay:
@@ -229,7 +238,18 @@ class RemoteSession:
             except STREAM_ERRORS as exc:
                 await self._events_send.send((index, exc))
                 return
+            if frame.type == p.RESULTS and self.bundles is not None:
+                self.bundles.dispatch(self.route[index].peer_id, frame)  # other sessions' answers too
+                continue
             await self._events_send.send((index, frame))
+
+    def deliver_result(self, frame: Frame) -> None:
+        """A bundled result for this session (step_bundles.py): as if the last hop sent it to us."""
+        self._events_send.send_nowait((len(self.route) - 1, frame))
+
+    def fail_hop(self, index: int, error: Exception) -> None:
+        """A bundle carrying our step could not be sent to hop `index`."""
+        self._events_send.send_nowait((index, error))
 
     # ------------------------------------------------------------------ steps
 
@@ -337,7 +357,10 @@ class RemoteSession:
                              mask: torch.Tensor, relay: bool, last: bool = False) -> tuple[torch.Tensor, Frame]:
         body = self._step_body(step, hidden, mask, relay, send_to, last)
         try:
-            await self.streams[send_to].send(Frame(p.STEP, step, body))
+            if self.bundles is not None and not relay and hidden.shape[1] == 1:
+                await self.bundles.send(self, body)  # a decode step: with the others ready now
+            else:
+                await self.streams[send_to].send(Frame(p.STEP, step, body))
         except STREAM_ERRORS as exc:
             peer_id = self.route[send_to].peer_id
             raise InferenceError(f"peer {peer_id} failed: {exc}", peer_id) from exc

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from molink.peer.batched_span import StepWork, batchable, step_batched
 from molink.peer.scheduler import BatchingConfig, StepScheduler
 from molink.swarm.model import LocalSpansModelForCausalLM
+from tests.concurrent_generations import generate_all_at_once
 
 SPANS = [(0, 2), (2, 4)]
 PROMPT_LENGTHS = [3, 17, 9, 30, 1, 12, 24, 6]  # 8 sessions, all different
@@ -290,16 +291,7 @@ def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama
             DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:
         config = merged_generation_config(model.generation_config, max_new_tokens=24, do_sample=False)
 
-        async def all_at_once():
-            results = {}
-            async with trio.open_nursery() as nursery:
-                for index, ids in enumerate(prompts):
-                    async def one(index=index, ids=ids):
-                        results[index] = await model.generate_async(ids, None, config)
-                    nursery.start_soon(one)
-            return [results[i] for i in range(len(prompts))]
-
-        got = model._run(all_at_once)
+        got = generate_all_at_once(model, prompts, config)
         infos = trio.run(peer_infos, [peer.address for peer in swarm.peers])
     for index, (out, want) in enumerate(zip(got, expected)):
         assert torch.equal(out, want), f"session {index}"

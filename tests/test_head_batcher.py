@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from molink.swarm.client_head import load_client_head
 from molink.swarm.head_batcher import HeadBatcher
+from tests.concurrent_generations import generate_all_at_once
 
 LOGITS_ATOL = 1e-5  # batched vs lone lm_head: float rounding of the matmul (observed ~2e-6)
 
@@ -197,16 +198,7 @@ def test_concurrent_generations_share_head_steps_and_match_transformers(swarm_cl
     model.head_batcher.min_batch_seconds = 0.0  # share even the tiny model's head (SmolLM2's is shared anyway)
     before = model.head_batcher.stats.as_dict()
 
-    async def all_at_once():
-        results = {}
-        async with trio.open_nursery() as nursery:
-            for index, ids in enumerate(prompts):
-                async def one(index=index, ids=ids):
-                    results[index] = await model.generate_async(ids, None, config)
-                nursery.start_soon(one)
-        return [results[i] for i in range(len(prompts))]
-
-    got = model._run(all_at_once)
+    got = generate_all_at_once(model, prompts, config)
     for index, (out, want) in enumerate(zip(got, expected)):
         assert torch.equal(out, want), f"generation {index}"
     after = model.head_batcher.stats.as_dict()

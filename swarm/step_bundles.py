@@ -1,0 +1,123 @@
+"""Step bundles on the client: the decode steps of many sessions to one first hop in one frame.
+
+A client driving many generations at once (a notebook running a batch of prompts as separate
+generations, the public endpoint serving many users) wakes many sessions at the same moment: the
+shared lm_head (head_batcher.py) answers all that waited together. Each then sends its next
+decode step to its first peer. Instead of one frame per session, the steps that are ready in the
+same moment leave as one `steps` frame on the stream of one of them (peer/step_bundles.py: the
+peers keep them bundled hop to hop, and the last hop answers with one `results` frame). Results
+are handed to each session as if they had come on its own stream, so everything else a session
+does (errors from any hop, timeouts, failover, closing) is unchanged.
+
+Only decode steps of push-mode sessions are bundled; prompts travel alone, in chunks, as before.
+An audited session's taps still come on its own streams (swarm/spot_check.py matches them to
+the step whatever stream its result came on).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from molink.dht.streams import STREAM_ERRORS
+from molink.dht.wire import Frame
+from molink.peer import protocol as p
+from molink.peer.session_limits import session_frame_bytes
+
+logger = logging.getLogger(__name__)
+
+ITEM_OVERHEAD_BYTES = 256  # an item's keys, session id and tensor headers, generously
+
+
+def bundles_enabled() -> bool:
+    """MOLINK_STEP_BUNDLES=0 sends every step on its own (for comparison)."""
+    return os.environ.get("MOLINK_STEP_BUNDLES", "1") != "0"
+
+
+@dataclass
+class BundleStats:
+    frames: int = 0  # steps frames sent
+    steps: int = 0  # decode steps that travelled in them
+
+    def as_dict(self) -> dict:
+        return {"frames": self.frames, "steps": self.steps}
+
+
+class StepBundles:
+    """Shared by every session of one client (DistributedModelForCausalLM.step_bundles)."""
+
+    def __init__(self):
+        self._pending: dict[str, list[tuple[object, dict]]] = {}  # first hop -> (session, step body)
+        self._sessions: dict[tuple[str, bytes], object] = {}  # (last hop, its session id) -> session
+        self.stats = BundleStats()
+
+    def register(self, session) -> None:
+        self._sessions[(session.route[-1].peer_id, session.session_ids[-1])] = session
+
+    def unregister(self, session) -> None:
+        key = (session.route[-1].peer_id, session.session_ids[-1])
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+
+    async def send(self, session, body: dict) -> None:
+        """Queue a decode step for the session's first hop; the first session queued for that
+        peer sends the bundle once every session woken with it has queued its own."""
+        key = session.route[0].peer_id
+        pending = self._pending.setdefault(key, [])
+        pending.append((session, body))
+        if len(pending) > 1:
+            return
+        # shielded: the steps of other sessions ride on this send; a cancel here must not strand them
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
+            batch = self._pending.pop(key, [])
+            for part in _parts(batch, session.hidden_size):
+                await self._send_part(part)
+
+    async def _send_part(self, part: list[tuple[object, dict]]) -> None:
+        carrier = part[0][0]
+        if len(part) == 1:
+            frame = Frame(p.STEP, part[0][1]["step"], part[0][1])
+        else:
+            frame = Frame(p.STEPS, 0, {"items": [{**body, "session_id": s.session_ids[0]} for s, body in part]})
+        try:
+            await carrier.streams[0].send(frame)
+        except STREAM_ERRORS as exc:
+            for session, _ in part:
+                session.fail_hop(0, exc)
+            return
+        if len(part) > 1:
+            self.stats.frames += 1
+            self.stats.steps += len(part)
+
+    def dispatch(self, peer_id: str, frame: Frame) -> None:
+        """A `results` frame from peer_id: each item to its session, as that hop's `result`.
+        Items for sessions that are not this peer's last hop, or are gone, are dropped."""
+        try:
+            items = p.bundle_items(frame.body)
+        except p.ProtocolError as exc:
+            logger.info("peer %s sent a bad results frame: %s", peer_id, exc)
+            return
+        for item in items:
+            session_id = item.get("session_id")
+            session = self._sessions.get((peer_id, session_id)) if isinstance(session_id, bytes) else None
+            if session is not None and type(item.get("step")) is int:
+                session.deliver_result(Frame(p.RESULT, item["step"], item))
+
+
+def _parts(batch: list[tuple[object, dict]], hidden_size: int) -> list[list[tuple[object, dict]]]:
+    """Split a bundle so that each part fits its carrier's frame bound at the first hop (the first
+    session of each part: the peer sized that stream's frames to that session)."""
+    parts: list[list[tuple[object, dict]]] = []
+    room = 0
+    for session, body in batch:
+        size = session.batch_size * (hidden_size * 4 + 8) + ITEM_OVERHEAD_BYTES
+        if not parts or size > room or len(parts[-1]) >= p.MAX_BUNDLE_ITEMS:
+            parts.append([])
+            room = session_frame_bytes(session.batch_size, session.max_length, hidden_size) // 2
+        parts[-1].append((session, body))
+        room -= size
+    return parts
