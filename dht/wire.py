@@ -235,8 +235,7 @@ def _checked_shape(shape: Any, limits: WireLimits) -> tuple[int, ...]:
 
 
 def decoded_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return math.prod(shape) * itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def _decompress_bounded(data: bytes, expected: int) -> bytes:

@@ -88,7 +88,9 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
             key = ("alone", id(out))
         groups.setdefault(key, []).append(out)
     for (kind, _), group in groups.items():
-        carrier = group[0].target
+        # a session that closed while the bundle ran may have had its stream handed on or closed
+        carrier = next((out.target for out in group if handler.registry.get(out.session.session_id) is out.session),
+                       group[0].target)
         if kind == "alone" or len(group) == 1:
             frames = [out.frame for out in group]
         elif kind == "push":
