@@ -73,6 +73,8 @@ if not any(isinstance(f, _DropCleanEofWarnings)
 NAMESPACE = "molink"
 PROVIDER_SHARDS = 8  # protocol constant: announcers and clients must agree on it
 PROVIDER_QUERY_PEERS = 4  # closest peers asked per shard (ADD_PROVIDER went to up to 20)
+# closest peers that ANSWER which also get our ADD_PROVIDER (announce): at least the ones clients ask
+PROVIDE_LIVE_PEERS = 2 * PROVIDER_QUERY_PEERS
 VALUE_QUERY_PEERS = 4  # closest replicas asked for a value when its peer did not answer
 MAX_LOOKUP_ROUNDS = 6
 RPC_TIMEOUT = 5.0  # per single DHT RPC; libp2p's own QUERY_TIMEOUT is 10 s
@@ -220,6 +222,42 @@ class SwarmDHT:
             self.dht.provider_store.providers.get(key, {}).pop(str(self.host.get_id()), None)
         else:
             await self.dht.provider_store.provide(key)
+            await self._provide_to_live_peers(key)
+
+    async def _provide_to_live_peers(self, key: bytes) -> int:
+        """ADD_PROVIDER at the PROVIDE_LIVE_PEERS peers closest to `key` that answer; how many it reached.
+
+        libp2p's provide() sends to the 20 closest peers it has HEARD of, dead or alive: its lookup
+        never drops a peer that failed to answer. After enough churn the 20 closest known to a
+        shard key can all be dead, and the record then lands nowhere, while clients ask the
+        closest peers that answer (find_providers): a peer that joined then stays invisible
+        (seen here after ~30 peers had died: a kill-9 soak found no route to a span two live
+        peers served). This lookup is the clients' own, so both sides meet at the same peers.
+        """
+        store = self.dht.provider_store
+        answered: list[ID] = []
+
+        async def probe(peer_id: ID) -> list[ID] | None:
+            # Private in 0.8.1 (pinned): one GET_PROVIDERS RPC; any error gives ([], []).
+            providers, closer = await store._get_providers_from_peer_with_closers(peer_id, key)
+            if not providers and not closer:
+                return None
+            answered.append(peer_id)
+            return closer
+
+        await self._query_closest(key, probe, PROVIDE_LIVE_PEERS)
+        stored = 0
+
+        async def add(peer_id: ID) -> None:
+            nonlocal stored
+            with trio.move_on_after(RPC_TIMEOUT):
+                sent = await store._send_add_provider(peer_id, key)  # fire and forget (no echo)
+                stored += sent
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in sort_peer_ids_by_distance(key, answered)[:PROVIDE_LIVE_PEERS]:
+                nursery.start_soon(add, peer_id)
+        return stored
 
     async def withdraw(self, model_key: str, identity: Identity | None = None, *,
                        version: str = "0", ttl: float = DEFAULT_TTL) -> SpanRecord:

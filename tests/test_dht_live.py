@@ -7,6 +7,7 @@ so its forged/expired PUT_VALUEs really reach the honest nodes' validators.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field, replace
 import msgpack
 import trio
 from libp2p.kad_dht.kad_dht import DHTMode
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
 from libp2p.records.validator import BlankValidator
 
 from molink.crypto.identity import Identity
@@ -22,6 +26,7 @@ from molink.crypto.signing import sign_record
 from molink.dht.host import running_host
 from molink.dht.kademlia import (
     NAMESPACE,
+    PROVIDER_QUERY_PEERS,
     SpanRecordValidator,
     SwarmDHT,
     provider_key,
@@ -290,3 +295,42 @@ async def test_dead_peer_is_listed_from_replicas_until_its_record_expires() -> N
             assert [r.peer_id for r in await client.dht.find_spans(MODEL)] == [dead.peer_id]
             await trio.sleep(max(0.0, expires_at - time.time()) + 0.1)
             assert await client.dht.find_spans(MODEL) == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # bound, never listened on, closed: a dial there is refused
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_announce_reaches_the_live_peers_closest_to_its_key_when_dead_ones_are_closer() -> None:
+    """libp2p's provide() sends ADD_PROVIDER to the 20 closest peers it has heard of, dead or
+    alive. After churn, dead peers closer to a shard key than any live one must not swallow a
+    joining peer's provider record: the live peers closest to the key (those clients ask) get it."""
+    with trio.fail_after(TEST_DEADLINE * 2):
+        async with swarm(peers=5) as (boot, peers, client, nodes):
+            newcomer = await nodes.add(boot.addrs)
+            key = provider_key(MODEL, provider_shard(newcomer.peer_id))
+            live = [boot, *peers]
+            live_ids = [node.identity.peer_id for node in live]
+            routing_table = newcomer.dht.dht.routing_table
+            dead = Multiaddr(f"/ip4/127.0.0.1/tcp/{_closed_port()}")
+            injected = 0
+            while injected < 30:  # dead peers, each closer to the key than every live peer
+                ghost = Identity.generate().peer_id
+                if sort_peer_ids_by_distance(key, [*live_ids, ghost])[0] != ghost:
+                    continue
+                newcomer.dht.host.get_peerstore().add_addrs(ghost, [dead], 3600)
+                injected += await routing_table.add_peer(PeerInfo(ghost, [dead]), skip_server_mode_check=True)
+            assert len(routing_table.find_local_closest_peers(key, 40)) >= 20
+            await newcomer.dht.announce(newcomer.record(0, 12))
+            nearest = [node for node in sorted(live, key=lambda n: sort_peer_ids_by_distance(key, live_ids).index(
+                n.identity.peer_id))][:PROVIDER_QUERY_PEERS]
+            for node in nearest:  # ADD_PROVIDER is fire-and-forget: give the receivers a moment
+                with trio.move_on_after(5):
+                    while newcomer.identity.peer_id not in {
+                            info.peer_id for info in node.dht.dht.provider_store.get_providers(key)}:
+                        await trio.sleep(0.05)
+                holders = {info.peer_id for info in node.dht.dht.provider_store.get_providers(key)}
+                assert newcomer.identity.peer_id in holders, f"{node.peer_id} does not list the newcomer"
+            assert newcomer.peer_id in spans_by_peer(await client.dht.find_spans(MODEL))
