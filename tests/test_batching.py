@@ -277,7 +277,7 @@ async def test_every_family_batched_or_falls_back_exactly(tiny_model_factory, fa
 
 def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama):
     """8 generations at once from one client over 3 peer processes: each gets transformers' tokens,
-    and the peers report forwards that carried several sessions."""
+    the peers report forwards that carried several sessions, and the steps travelled bundled."""
     from molink.swarm import DistributedModelForCausalLM
     from molink.swarm.generation import merged_generation_config
     from molink.swarm.local_swarm import LocalSwarm
@@ -293,8 +293,11 @@ def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama
 
         got = generate_all_at_once(model, prompts, config)
         infos = trio.run(peer_infos, [peer.address for peer in swarm.peers])
+        bundles = model.step_bundles.stats
     for index, (out, want) in enumerate(zip(got, expected)):
         assert torch.equal(out, want), f"session {index}"
+    # their decode steps travelled in shared frames hop to hop (swarm/step_bundles.py)
+    assert bundles.frames > 0 and bundles.steps >= 2 * bundles.frames, bundles
     for info in infos:
         assert info["batching"]["max_batch"] >= 4, info
         # how many steps meet in one forward depends on timing (2 shared cores): "more than one"

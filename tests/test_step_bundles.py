@@ -1,21 +1,19 @@
 """Step bundles (peer/step_bundles.py, swarm/step_bundles.py): many sessions' decode steps in one
 frame at every hop. Each bundled step must be served exactly as if it had come alone; a client can
-only step its own sessions; a malformed bundle hurts nobody; and concurrent generations over real
-peer processes travel bundled and still equal transformers token for token."""
+only step its own sessions; a malformed bundle hurts nobody. (Concurrent generations over real peer
+processes travel bundled and still equal transformers token for token: tests/test_batching.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import trio
-from transformers import AutoModelForCausalLM
 
 from molink.dht.streams import open_framed_stream
 from molink.dht.wire import Frame, decode_tensor, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.span import SpanModel
 from tests.test_session_limits import handler_with, serve_pair
-from tests.concurrent_generations import generate_all_at_once
 
 
 @pytest.fixture(scope="module")
@@ -111,25 +109,3 @@ async def test_a_client_cannot_step_another_clients_session_and_bad_bundles_hurt
             assert registry.get(mine).span_session.seen_tokens == 4
             nursery.cancel_scope.cancel()
 
-
-def test_concurrent_generations_travel_bundled_and_stay_exact(tiny_llama):
-    """8 generations at once over 3 peer processes: their decode steps share frames (the client
-    counts bundled steps) and each still gets transformers' tokens."""
-    from molink.swarm import DistributedModelForCausalLM
-    from molink.swarm.generation import merged_generation_config
-    from molink.swarm.local_swarm import LocalSwarm
-
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train(False)
-    gen = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, 200, (1, length), generator=gen) for length in (3, 9, 5, 14, 7, 4, 11, 6)]
-    expected = [reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
-                for ids in prompts]
-    with LocalSwarm(tiny_llama, [(0, 2), (2, 4), (4, 6)]) as swarm, \
-            DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
-        config = merged_generation_config(model.generation_config, max_new_tokens=20, do_sample=False)
-
-        got = generate_all_at_once(model, prompts, config)
-        stats = model.step_bundles.stats
-    for index, (out, want) in enumerate(zip(got, expected)):
-        assert torch.equal(out, want), f"session {index}"
-    assert stats.frames > 0 and stats.steps >= 2 * stats.frames, stats
