@@ -256,6 +256,9 @@ def client_main(mode: str, cfg: dict) -> None:
             out = model.generate(prompt, do_sample=False, max_new_tokens=cfg["new_tokens"])
         pipe.send({"op": "result", "prompt": prompt[0].tolist(), "tokens": out[0].tolist()})
         return
+    if mode == "throughput":
+        pipe.send({"op": "result", "levels": throughput_levels(cfg, vocab)})
+        return
     prompts = {"decode": prompt_of(cfg["decode_prompt_tokens"], vocab)}
     prompts.update({n: prompt_of(n, vocab, seed=n) for n in cfg["prompt_lengths"]})
     result = {"reference_decode": reference(cfg["model_dir"], prompts["decode"], cfg["new_tokens"] + 1),
@@ -269,6 +272,36 @@ def client_main(mode: str, cfg: dict) -> None:
             print(f"[wan client] swarm {mode_name}", file=sys.stderr, flush=True)
             result[mode_name] = swarm_mode(model, cfg, prompts, pipe, mode_name, local_decode)
     pipe.send({"op": "result", **result})
+
+
+def throughput_levels(cfg: dict, vocab: int) -> list[dict]:
+    """bench_wan_throughput.py's client: each level of concurrent sessions from a client that
+    bundles steps (swarm/step_bundles.py) and from one that does not, one after the other."""
+    from bench_throughput import prompts_for, run_sessions, steady_metrics
+
+    from molink.swarm import DistributedModelForCausalLM
+
+    levels = []
+    models = {mode: DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"],
+                                                               spot_check=cfg.get("spot_check"))
+              for mode in ("bundled", "unbundled")}
+    try:
+        models["unbundled"].step_bundles = None
+        for model in models.values():
+            model.generation_config.eos_token_id = None
+            run_sessions(model, prompts_for(2, cfg["prompt_tokens"], vocab, 0), 4)  # warm-up
+        for n in cfg["sessions"]:
+            for mode, model in models.items():
+                started = time.perf_counter()
+                stamps = run_sessions(model, prompts_for(n, cfg["prompt_tokens"], vocab, seed=n), cfg["new_tokens"])
+                levels.append({"sessions": n, "mode": mode, **steady_metrics(stamps),
+                               "wall_s": time.perf_counter() - started})
+                print(f"[wan client] {n} sessions {mode}: {levels[-1]['tokens_per_s']:.1f} tok/s, "
+                      f"ITL p50 {levels[-1]['itl_p50_ms']:.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        for model in models.values():
+            model.close()
+    return levels
 
 
 def run_client(bed, mode: str, cfg: dict, timeout: float = 3600.0) -> dict:
