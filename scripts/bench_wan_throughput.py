@@ -9,7 +9,8 @@ the given one-way delay, rate and loss; needs root). In the client's namespace t
 each level one after the other: one bundling the decode steps of sessions that are ready together
 (swarm/step_bundles.py, the default), one sending every step alone. A level = N greedy generations
 started together (bench_throughput.py's run_sessions); aggregate tokens/s and inter-token latency
-p50/p99 over the steady state (every session started, none finished). Peers batch (the default).
+p50/p99 over the steady state (every session started, none finished). Peers batch (the default;
+`--peer-args=--no-batching` for the comparison).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--loss", type=float, default=0.001)
     parser.add_argument("--spot-check", type=float, default=0.0)
+    parser.add_argument("--peer-args", default="", help="extra molink-peer join arguments, e.g. --no-batching")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "wan_throughput.json"))
     args = parser.parse_args()
     need_root()
@@ -60,7 +62,7 @@ def main() -> None:
         spans = even_boundaries(load_config(directory).num_hidden_layers, 3)
         with WanBed(HOSTS, args.delay_ms, args.rate_mbit, args.loss) as bed:
             log(f"bed up ({bed.backend}); starting bootstrap + 3 peers {spans}")
-            boot = start_swarm(bed, directory, spans, workroot / "swarm")
+            boot = start_swarm(bed, directory, spans, workroot / "swarm", extra_args=args.peer_args.split())
             cfg = {"model_dir": str(directory), "initial_peers": [boot], "new_tokens": args.new_tokens,
                    "prompt_tokens": args.prompt_tokens, "spot_check": args.spot_check,
                    "sessions": [int(n) for n in args.sessions.split(",")]}
@@ -77,7 +79,7 @@ def main() -> None:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}" if base else ""
         print(f"| {r['sessions']} | {r['mode']} | {r['tokens_per_s']:.1f} | {ratio} | {r['itl_p50_ms']:.1f} | "
               f"{r['itl_p99_ms']:.1f} |")
-    meta = {"model": args.model, "delay_ms": args.delay_ms, "rate_mbit": args.rate_mbit, "loss": args.loss,
+    meta = {"model": args.model, "peer_args": args.peer_args, "delay_ms": args.delay_ms, "rate_mbit": args.rate_mbit, "loss": args.loss,
             "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "git": git_state(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
