@@ -24,8 +24,8 @@ from there.
 
 Where a forward runs: one predicted to take under INLINE_COMPUTE_SECONDS runs on the event loop
 (a thread hand-off costs more than a tiny model's whole forward); the prediction scales the
-measured one-row cost with the rows like a decode forward does (flat up to FREE_ROWS rows: it
-reads every weight once however many rows it carries; see swarm/pipeline_cost.py's BLOCKS_CURVE),
+measured one-row cost with the rows like a decode forward does (flat up to BLOCKS_CURVE's free
+rows: it reads every weight once however many rows it carries; peer/cost_curve.py),
 so a tiny model's batch of 30 sessions still runs inline.
 
 Admission is the session registry's (memory_cache.py: KV budget and session count, `busy`
@@ -46,6 +46,7 @@ import torch
 import trio
 
 from molink.peer.batched_span import StepWork, batch_key, batchable, step_batched
+from molink.peer.cost_curve import BLOCKS_CURVE
 from molink.peer.span import SpanModel
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ ACTIVE_HORIZON = 0.5  # a session that sent a decode step this recently is expec
 ARRIVAL_GAP = 0.001  # no step for this long: the burst from the previous peer is over
 STEP_DEADLINE = 300.0  # a step not computed by then fails instead of hanging its session
 INLINE_COMPUTE_SECONDS = 0.002  # shorter forwards run on the event loop: a thread hand-off costs ~0.3 ms
-# a forward's cost relative to one row: flat up to FREE_ROWS rows, then +1 per ROWS_PER_EXTRA rows
-# (swarm/pipeline_cost.py's BLOCKS_CURVE, measured on CPU; a prompt chunk counts each token as a row)
-FREE_ROWS, ROWS_PER_EXTRA = 8, 28
 
 
 # Python's cyclic collector, tuned once per process that serves steps (a peer, a client). Every step
@@ -327,7 +325,7 @@ class StepScheduler:
 
 def forward_seconds(rows: int, blocks: int, throughput: float) -> float:
     """Predicted time of one forward of `rows` token rows through `blocks` blocks (module doc)."""
-    return blocks / throughput * (1.0 + max(0, rows - FREE_ROWS) / ROWS_PER_EXTRA)
+    return blocks / throughput * BLOCKS_CURVE.factor(rows)  # a prompt chunk: each token a row
 
 
 def work_tokens(item: PendingStep, chunk: int) -> int:

@@ -45,6 +45,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from molink.peer.cost_curve import BLOCKS_CURVE, CostCurve
 from molink.swarm.routing import DEFAULT_RTT, MIN_THROUGHPUT, RouteHop
 
 MAX_MICRO_BATCHES = 8
@@ -63,23 +64,9 @@ STEP_OVERHEAD = 0.0005
 LOOPBACK_RTT = 0.0005  # seconds: a round trip between two processes of one machine
 
 
-@dataclass(frozen=True)
-class CostCurve:
-    """Cost of b rows relative to one row: flat up to `free_rows` (a decode step reads every weight
-    once however many rows it carries), then +1 per `rows_per_extra` rows."""
-
-    free_rows: float
-    rows_per_extra: float
-
-    def factor(self, rows: float) -> float:
-        return 1.0 + max(0.0, rows - self.free_rows) / self.rows_per_extra
-
-
-# Measured on this project's CI machine, one core per process (median of 8 decode steps):
-# 10 SmolLM2 blocks 23.7 / 23.7 / 31.3 / 44.2 ms at 1 / 8 / 16 / 32 rows;
-# its lm_head (49152 x 576) 15.6 / 28.1 / 56.8 ms at 1 / 8 / 32 rows.
-# GPUs stay flat far longer; an underestimate only makes us split less.
-BLOCKS_CURVE = CostCurve(free_rows=8, rows_per_extra=28)
+# Measured on this project's CI machine, one core per process (median of 8 decode steps): the
+# blocks' curve is peer/cost_curve.py's; SmolLM2's lm_head (49152 x 576) 15.6 / 28.1 / 56.8 ms at
+# 1 / 8 / 32 rows.
 HEAD_CURVE = CostCurve(free_rows=1, rows_per_extra=10)
 
 

@@ -3,7 +3,7 @@
 - A step's input checks (protocol.decode_step_tensors) run in Python / numpy for small tensors and
   in torch for large ones: both refuse exactly what the torch checks refused.
 - The scheduler's inline-or-thread decision predicts a batched decode forward as flat in its rows
-  up to FREE_ROWS (what a decode forward costs on CPU), and a prompt chunk as growing with tokens.
+  up to BLOCKS_CURVE's free rows (what a decode forward costs on CPU), and a prompt chunk as growing with tokens.
 - tune_gc spaces young collections out, once, never lowering a larger threshold, and can be off.
 """
 
@@ -64,8 +64,8 @@ def test_inline_prediction_is_flat_for_decode_batches_and_grows_with_prompt_toke
     blocks, throughput = 2, 2000.0  # 1 ms per one-row forward
     one = s.forward_seconds(1, blocks, throughput)
     assert one == pytest.approx(0.001)
-    assert s.forward_seconds(s.FREE_ROWS, blocks, throughput) == one  # a decode batch reads the weights once
-    assert s.forward_seconds(s.FREE_ROWS + s.ROWS_PER_EXTRA, blocks, throughput) == pytest.approx(2 * one)
+    assert s.forward_seconds(s.BLOCKS_CURVE.free_rows, blocks, throughput) == one  # a decode batch reads the weights once
+    assert s.forward_seconds(s.BLOCKS_CURVE.free_rows + s.BLOCKS_CURVE.rows_per_extra, blocks, throughput) == pytest.approx(2 * one)
     assert s.forward_seconds(128, blocks, throughput) > s.INLINE_COMPUTE_SECONDS  # a prompt chunk: threaded
 
 
