@@ -99,7 +99,7 @@ class SessionRegistry:
                 self.per_client[session.client] -= 1
                 if self.per_client[session.client] <= 0:
                     del self.per_client[session.client]
-            session.span_session.cache = None  # free the KV tensors now, not when references die
+            session.span_session.close()  # free the KV tensors now, not when references die
         return session
 
     def __len__(self) -> int:

@@ -127,11 +127,14 @@ class SchedulerStats:
     decode_forwards: int = 0
     max_rows: int = 0  # the largest batch so far
     prefill_chunks: int = 0
+    stacks_built: int = 0  # batched forwards that stacked their sessions' caches (stacked_cache.py)
+    stacks_reused: int = 0  # ... that found them still stacked from the forward before
 
     def as_dict(self) -> dict:
         mean = self.decode_rows / self.decode_forwards if self.decode_forwards else 0.0
         return {"forwards": self.forwards, "decode_forwards": self.decode_forwards, "decode_rows": self.decode_rows,
-                "mean_decode_batch": round(mean, 2), "max_batch": self.max_rows, "prefill_chunks": self.prefill_chunks}
+                "mean_decode_batch": round(mean, 2), "max_batch": self.max_rows, "prefill_chunks": self.prefill_chunks,
+                "stacks_built": self.stacks_built, "stacks_reused": self.stacks_reused}
 
 
 @dataclass(eq=False)
@@ -273,7 +276,7 @@ class StepScheduler:
                 if item.work.session.cache is None:
                     item.error = RuntimeError("the session was closed")
             try:
-                outputs = step_batched(group[0].span, [item.work for item in live]) if live else []
+                outputs = step_batched(group[0].span, [item.work for item in live], self.stats) if live else []
             except Exception:  # noqa: BLE001 - one bad step must not fail the others: run them alone
                 if len(live) == 1:
                     raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,23 +29,51 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-@dataclass
+@dataclass(eq=False)
 class SpanSession:
-    """One generation's state on this span: its KV cache and the mask of every token seen."""
+    """One generation's state on this span: its KV cache and the mask of every token seen.
 
-    cache: DynamicCache
+    While it runs in a `StackedBatch` (stacked_cache.py) its KV and mask live there, stacked with
+    the others'; `attention_mask` and `seen_tokens` read them from there, and `detach` takes them
+    back before anything touches `cache` directly.
+    """
+
+    cache: DynamicCache | None  # None once closed
     start: int  # the blocks this session runs: a sub-range of the span is allowed
     end: int
-    attention_mask: torch.Tensor | None = None  # [batch, tokens seen] int64
+    own_mask: torch.Tensor | None = None  # [batch, tokens seen] int64, when not stacked
     steps: int = field(default=0)
+    stacked: Any = None  # the StackedBatch holding its KV, if any
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self.own_mask if self.stacked is None else self.stacked.mask_of(self)
+
+    @attention_mask.setter
+    def attention_mask(self, mask: torch.Tensor | None) -> None:
+        self.own_mask = mask
 
     @property
     def batch_size(self) -> int | None:
-        return None if self.attention_mask is None else self.attention_mask.shape[0]
+        mask = self.attention_mask
+        return None if mask is None else mask.shape[0]
 
     @property
     def seen_tokens(self) -> int:
-        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+        if self.stacked is not None:
+            return self.stacked.seen_tokens(self)
+        return 0 if self.own_mask is None else self.own_mask.shape[1]
+
+    def detach(self) -> None:
+        """Own cache and mask again (dissolves the stacked batch it was in, if any)."""
+        if self.stacked is not None:
+            self.stacked.dissolve()
+
+    def close(self) -> None:
+        """Free the KV now (its rows of a stacked batch go when that batch next changes)."""
+        if self.stacked is not None:
+            self.stacked.leave(self)
+        self.cache = None
 
 
 class SpanModel:
@@ -110,6 +139,7 @@ class SpanModel:
     @torch.inference_mode()
     def step(self, session: SpanSession, hidden_states: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """Run the span over `hidden_states` [batch, new, hidden] whose 0/1 mask is `new_mask` [batch, new]."""
+        session.detach()
         mask = new_mask.to(self.device, torch.long)
         full_mask = mask if session.attention_mask is None else torch.cat([session.attention_mask, mask], dim=1)
         positions = positions_from_mask(full_mask)[:, -mask.shape[1]:]

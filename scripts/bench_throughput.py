@@ -152,6 +152,17 @@ def batch_delta(before: list[dict], after: list[dict]) -> float | None:
     return rows / forwards if forwards else None
 
 
+def stack_reuse_delta(before: list[dict], after: list[dict]) -> float | None:
+    """Share of batched forwards during a level that found their sessions' KV still stacked."""
+    if not before or not after or not all(a.get("batching") for a in after):
+        return None
+    built = sum(a["batching"].get("stacks_built", 0) - b["batching"].get("stacks_built", 0)
+                for b, a in zip(before, after))
+    reused = sum(a["batching"].get("stacks_reused", 0) - b["batching"].get("stacks_reused", 0)
+                 for b, a in zip(before, after))
+    return reused / (built + reused) if built + reused else None
+
+
 def try_peer_stats(client, swarm) -> list[dict] | None:
     """The peers' counters, or None: a flaky INFO stream must not cost the run (they are a bonus)."""
     for _ in range(3):
@@ -171,6 +182,7 @@ def measure_level(client, swarm, n: int, args, vocab: int) -> dict:
     after = try_peer_stats(client, swarm) if before else None
     head = {key: client.head_batcher.stats.as_dict()[key] - head_before[key] for key in ("requests", "steps")}
     return {"sessions": n, **steady_metrics(stamps), "wall_s": wall, "mean_batch": batch_delta(before, after),
+            "stack_reuse": stack_reuse_delta(before, after),
             "head_batch": head["requests"] / head["steps"] if head["steps"] else None, "loadavg": loadavg()}
 
 
@@ -291,10 +303,11 @@ def print_tables(results: list[dict], args) -> None:
     print(f"\nAggregate decode throughput, 3 peers + 1 client on {os.cpu_count()} cores, {args.threads} torch "
           f"thread(s) per process, greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per "
           f"session; steady state = every session started, none finished. x1 = tokens/s / the same mode's "
-          f"1-session tokens/s; ITL = inter-token latency; mean batch = sessions per decode forward, all peers.")
+          f"1-session tokens/s; ITL = inter-token latency; mean batch = sessions per decode forward, all peers; "
+          f"stacked = share of batched forwards whose sessions' KV was still stacked from the forward before.")
     print("\n| model | sessions | batching | tokens/s | x1 | ITL p50 ms | ITL p99 ms | p50 / 1-session p50 "
-          "| mean batch | head batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| mean batch | stacked | head batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         single = {r["mode"]: r for r in result["levels"] if r["sessions"] == 1}
         for r in result["levels"]:
@@ -303,8 +316,9 @@ def print_tables(results: list[dict], args) -> None:
             ratio = f"{r['itl_p50_ms'] / base['itl_p50_ms']:.2f}" if base else ""
             batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "–"
             head = f"{r['head_batch']:.1f}" if r.get("head_batch") else "–"
+            stacked = f"{100 * r['stack_reuse']:.0f} %" if r.get("stack_reuse") is not None else "–"
             print(f"| {result['model']} | {r['sessions']} | {r['mode']} | {r['tokens_per_s']:.1f} | {speedup} | "
-                  f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {ratio} | {batch} | {head} |")
+                  f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {ratio} | {batch} | {stacked} | {head} |")
     if any(result.get("micro_batches") for result in results):
         print(f"\nOne client, one greedy generate call of {args.batch_rows} rows split into k micro-batches "
               f"(tokens/s = rows x {args.new_tokens} / the call's wall time, prefill included)")
