@@ -37,6 +37,8 @@ from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
 from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 from molink.swarm.channel_pool import ChannelPool
+from molink.swarm.cohorts import CohortGate, cohorts_enabled
+from molink.swarm.pipeline_cost import MAX_MICRO_BATCHES, choose_micro_batches, route_costs
 from molink.swarm.step_bundles import StepBundles, bundles_enabled
 from molink.swarm.spot_check import Auditor, SpotCheckConfig
 
@@ -93,7 +95,9 @@ class DistributedModelForCausalLM(SwarmModelBase):
         # streams of sessions that closed cleanly, warm for the next session to the same peer
         self.channel_pool = ChannelPool(lambda: self._loop.nursery)
         # concurrent generations' decode steps share frames hop to hop (swarm/step_bundles.py)
-        self.step_bundles = StepBundles() if bundles_enabled() else None
+        # ... and gather into a few cohorts that step together (swarm/cohorts.py)
+        gate = CohortGate(self._cohort_count) if cohorts_enabled() else None
+        self.step_bundles = StepBundles(gate) if bundles_enabled() else None
         try:
             self.host, self.dht = self._loop.call(self._loop.nursery.start, self._network)
         except BaseException:
@@ -276,6 +280,14 @@ class DistributedModelForCausalLM(SwarmModelBase):
         return make_route(records, self.config.num_hidden_layers, banned=banned, rtts=self.rtts,
                           load=self.active_sessions, min_free_tokens=batch_size * max_length, relay=self.relay,
                           punched=punched)
+
+    def _cohort_count(self, session: RemoteSession, decoding: int) -> int:
+        """How many cohorts `decoding` sessions on this session's route should form: the micro-batch
+        rule for a batch of that many rows (swarm/pipeline_cost.py)."""
+        costs = route_costs(session.route, hidden_size=self.config.hidden_size,
+                            head_seconds=self.head_batcher.step_seconds(1, self.config.hidden_size),
+                            rtts=self.rtts, relay=self.relay, link_rate=self.link_rate)
+        return choose_micro_batches(costs, decoding, max_k=MAX_MICRO_BATCHES)
 
     def _session_closed(self, session: RemoteSession) -> None:
         if getattr(session, "_counted_out", False):

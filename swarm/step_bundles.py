@@ -26,6 +26,7 @@ from molink.dht.streams import STREAM_ERRORS
 from molink.dht.wire import Frame
 from molink.peer import protocol as p
 from molink.peer.session_limits import session_frame_bytes
+from molink.swarm.cohorts import CohortGate
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class BundleStats:
 class StepBundles:
     """Shared by every session of one client (DistributedModelForCausalLM.step_bundles)."""
 
-    def __init__(self):
+    def __init__(self, cohorts: CohortGate | None = None):
+        self.cohorts = cohorts  # holds a bundle until its cohort is in (cohorts.py); None: never
         self._pending: dict[str, list[tuple[object, dict]]] = {}  # first hop -> (session, step body)
         self._sessions: dict[tuple[str, bytes], object] = {}  # (last hop, its session id) -> session
         self.stats = BundleStats()
@@ -61,6 +63,8 @@ class StepBundles:
         key = (session.route[-1].peer_id, session.session_ids[-1])
         if self._sessions.get(key) is session:
             del self._sessions[key]
+        if self.cohorts is not None:
+            self.cohorts.forget(session)
 
     async def send(self, session, body: dict) -> None:
         """Queue a decode step for the session's first hop; the first session queued for that
@@ -68,14 +72,26 @@ class StepBundles:
         key = session.route[0].peer_id
         pending = self._pending.setdefault(key, [])
         pending.append((session, body))
+        if self.cohorts is not None:
+            self.cohorts.stepping(key, session, len(pending))
         if len(pending) > 1:
             return
         # shielded: the steps of other sessions ride on this send; a cancel here must not strand them
+        # (the cohort wait is bounded by its own deadline)
         with trio.CancelScope(shield=True):
             await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
-            batch = self._pending.pop(key, [])
-            for part in _parts(batch, session.hidden_size):
-                await self._send_part(part)
+            while True:
+                limit = None
+                if self.cohorts is not None:
+                    limit = await self.cohorts.wait(key, session, lambda: len(self._pending.get(key, ())))
+                batch = self._pending.pop(key, [])
+                rest = batch[limit:] if limit is not None else []
+                if rest:  # the next cohort's start: this task carries it too, once it is in
+                    batch, self._pending[key] = batch[:limit], rest
+                for part in _parts(batch, session.hidden_size):
+                    await self._send_part(part)
+                if not rest:
+                    break
 
     async def _send_part(self, part: list[tuple[object, dict]]) -> None:
         carrier = part[0][0]
