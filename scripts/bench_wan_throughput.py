@@ -5,9 +5,10 @@
         [--out bench_results/wan_throughput.json]
 
 The bed of scripts/bench_wan.py (bootstrap, 3 peers with one span each, a client, every link with
-the given one-way delay, rate and loss; needs root). In the client's namespace two clients run
+the given one-way delay, rate and loss; needs root). In the client's namespace three clients run
 each level one after the other: one bundling the decode steps of sessions that are ready together
-(swarm/step_bundles.py, the default), one sending every step alone. A level = N greedy generations
+(swarm/step_bundles.py) and gathering them into cohorts (swarm/cohorts.py), the default; one
+bundling without cohorts; one sending every step alone. A level = N greedy generations
 started together (bench_throughput.py's run_sessions); aggregate tokens/s and inter-token latency
 p50/p99 over the steady state (every session started, none finished). Peers batch (the default;
 `--peer-args=--no-batching` for the comparison).
@@ -72,13 +73,14 @@ def main() -> None:
     single = {r["mode"]: r for r in levels if r["sessions"] == 1}
     print(f"\n{args.model} on the WAN bed ({args.delay_ms:g} ms one-way, {args.rate_mbit:g} Mbit/s, "
           f"{100 * args.loss:g} % loss per link), {args.new_tokens} new tokens per session, greedy\n")
-    print("| sessions | client | tokens/s | x1 | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print("| sessions | client | tokens/s | x1 | ITL p50 ms | ITL p99 ms | cohort holds |")
+    print("|---|---|---|---|---|---|---|")
     for r in levels:
         base = single.get(r["mode"])
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}" if base else ""
+        holds = r.get("cohort_holds")
         print(f"| {r['sessions']} | {r['mode']} | {r['tokens_per_s']:.1f} | {ratio} | {r['itl_p50_ms']:.1f} | "
-              f"{r['itl_p99_ms']:.1f} |")
+              f"{r['itl_p99_ms']:.1f} | {'–' if holds is None else holds} |")
     meta = {"model": args.model, "peer_args": args.peer_args, "delay_ms": args.delay_ms, "rate_mbit": args.rate_mbit, "loss": args.loss,
             "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "git": git_state(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

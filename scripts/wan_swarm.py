@@ -284,18 +284,22 @@ def throughput_levels(cfg: dict, vocab: int) -> list[dict]:
     levels = []
     models = {mode: DistributedModelForCausalLM.from_pretrained(cfg["model_dir"], cfg["initial_peers"],
                                                                spot_check=cfg.get("spot_check"))
-              for mode in ("bundled", "unbundled")}
+              for mode in ("bundled", "no cohorts", "unbundled")}
     try:
         models["unbundled"].step_bundles = None
+        models["no cohorts"].step_bundles.cohorts = None  # bundles, but no cohort gate (swarm/cohorts.py)
         for model in models.values():
             model.generation_config.eos_token_id = None
             run_sessions(model, prompts_for(2, cfg["prompt_tokens"], vocab, 0), 4)  # warm-up
         for n in cfg["sessions"]:
             for mode, model in models.items():
                 started = time.perf_counter()
+                gate = model.step_bundles.cohorts if model.step_bundles else None
+                held = gate.held if gate else 0
                 stamps = run_sessions(model, prompts_for(n, cfg["prompt_tokens"], vocab, seed=n), cfg["new_tokens"])
                 levels.append({"sessions": n, "mode": mode, **steady_metrics(stamps),
-                               "wall_s": time.perf_counter() - started})
+                               "wall_s": time.perf_counter() - started,
+                               "cohort_holds": (gate.held - held) if gate else None})
                 print(f"[wan client] {n} sessions {mode}: {levels[-1]['tokens_per_s']:.1f} tok/s, "
                       f"ITL p50 {levels[-1]['itl_p50_ms']:.1f} ms", file=sys.stderr, flush=True)
     finally:

@@ -80,13 +80,16 @@ class StepBundles:
         # (the cohort wait is bounded by its own deadline)
         with trio.CancelScope(shield=True):
             await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
-            while True:
-                limit = None
+            # a bundle over its cohort's share leaves as that share; the rest is the next cohort's
+            # start, which this task carries too once that cohort is in (whole: one split per
+            # carrier, or a carrier could be kept from sending its own next step)
+            limit = None
+            for split in (True, False):
                 if self.cohorts is not None:
                     limit = await self.cohorts.wait(key, session, lambda: len(self._pending.get(key, ())))
                 batch = self._pending.pop(key, [])
-                rest = batch[limit:] if limit is not None else []
-                if rest:  # the next cohort's start: this task carries it too, once it is in
+                rest = batch[limit:] if split and limit is not None else []
+                if rest:
                     batch, self._pending[key] = batch[:limit], rest
                 for part in _parts(batch, session.hidden_size):
                     await self._send_part(part)
