@@ -64,6 +64,7 @@ class StackedBatch:
                 layer.reset()  # the stacked copy is the only one now
         for session in sessions:
             session.stacked = self
+            session.own_mask = None  # after `stacked`: a reader on the event loop never sees neither
         self.broken = False  # a member left: dissolve before the next forward
 
     # ------------------------------------------------------------------ membership
@@ -106,10 +107,10 @@ class StackedBatch:
         except BaseException:
             self._roll_back()
             raise
-        self.mask, self.width = mask, self.width + n
         for session in sessions:
             self.lengths[id(session)] += n
             session.steps += 1
+        self.mask, self.width = mask, self.width + n
         return [out[self.rows[id(s)]] for s in sessions]
 
     def _roll_back(self) -> None:
@@ -137,11 +138,12 @@ class StackedBatch:
             session = ref()
             if session is None or session.stacked is not self:
                 continue
-            session.stacked = None
             if session.cache is None:
+                session.stacked = None
                 continue  # closed meanwhile
             rows, length = self.rows[id(session)], self.lengths[id(session)]
             session.attention_mask = None if length == 0 else self.mask[rows, self.width - length:].clone()
+            session.stacked = None  # after its own mask is back (seen_tokens may be read meanwhile)
             if length == 0:
                 continue
             for index in range(self.start, self.end):
