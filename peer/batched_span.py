@@ -23,6 +23,7 @@ layouts differ again: spans with those run their sessions one by one (`batchable
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from transformers.cache_utils import DynamicLayer
 
 from molink.peer.span import SpanModel, SpanSession
 from molink.peer.stacked_cache import StackedBatch
+
+logger = logging.getLogger(__name__)
 
 #: keep batched sessions' KV stacked between forwards (stacked_cache.py); 0 restacks every step
 KEEP_STACKED = os.environ.get("MOLINK_STACKED_CACHE", "1") not in ("0", "off", "false")
@@ -94,7 +97,11 @@ def step_batched(span: SpanModel, works: list[StepWork], stats=None) -> list[tor
         stats.stacks_reused += 1
     outputs = batch.step(span, sessions, [work.hidden for work in works], [work.mask for work in works])
     if not KEEP_STACKED or not batch.worth_keeping():
-        batch.dissolve()
+        try:
+            batch.dissolve()
+        except Exception:  # noqa: BLE001 - the step itself succeeded: never report it failed (it would rerun)
+            logger.warning("could not unstack %d sessions after their step; they stay stacked", len(works),
+                           exc_info=True)
     return outputs
 
 

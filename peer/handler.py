@@ -150,7 +150,7 @@ class InferenceHandler:
                 raise p.ProtocolError(p.BUSY, "peer is leaving the swarm")
             session = ActiveSession(
                 session_id=request.session_id,
-                span_session=span.new_session(request.start, request.end), span=span,
+                span_session=span.new_session(request.start, request.end, request.max_length), span=span,
                 batch_size=request.batch_size, max_length=request.max_length,
                 reserved_tokens=request.batch_size * request.max_length,
                 client_stream=framed, next_hop=request.next, tap=request.tap, compression=request.compression,

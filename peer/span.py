@@ -44,6 +44,7 @@ class SpanSession:
     own_mask: torch.Tensor | None = None  # [batch, tokens seen] int64, when not stacked
     steps: int = field(default=0)
     stacked: Any = None  # the StackedBatch holding its KV, if any
+    max_length: int | None = None  # tokens per row it reserved (the handler sets it): a stack never pads past it
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
@@ -66,13 +67,15 @@ class SpanSession:
 
     def detach(self) -> None:
         """Own cache and mask again (dissolves the stacked batch it was in, if any)."""
-        if self.stacked is not None:
-            self.stacked.dissolve()
+        stacked = self.stacked
+        if stacked is not None:
+            stacked.dissolve()
 
     def close(self) -> None:
         """Free the KV now (its rows of a stacked batch go when that batch next changes)."""
-        if self.stacked is not None:
-            self.stacked.leave(self)
+        stacked = self.stacked  # read once: the scheduler's worker may dissolve it meanwhile
+        if stacked is not None:
+            stacked.leave(self)
         self.cache = None
 
 
@@ -109,12 +112,13 @@ class SpanModel:
         logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, model_dir, dtype, device)
         return cls(config, family, start, end, blocks, device, dtype)
 
-    def new_session(self, start: int | None = None, end: int | None = None) -> SpanSession:
+    def new_session(self, start: int | None = None, end: int | None = None,
+                    max_length: int | None = None) -> SpanSession:
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks [{start}, {end}) are not within this span [{self.start}, {self.end})")
-        return SpanSession(cache=DynamicCache(config=self.config), start=start, end=end)
+        return SpanSession(cache=DynamicCache(config=self.config), start=start, end=end, max_length=max_length)
 
     def kv_bytes_per_token(self, num_blocks: int | None = None) -> int:
         """KV-cache bytes one token of one sequence takes in `num_blocks` blocks (default: the span).

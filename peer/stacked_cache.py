@@ -13,16 +13,20 @@ padding does not change): outputs are bitwise what the stack-per-step path gives
 
 A batch lives while its members keep stepping together. Anything else dissolves it first, giving
 every open member its own cache back (its rows, padding dropped): a different group of sessions,
-a member stepping alone or with a prompt chunk, a member closed (`SpanSession.close`). A batch
-whose padding would hold more than it keeps is dissolved right after its forward (a long session
-among short ones would otherwise pin rows x longest of memory between steps).
+a member stepping alone or with a prompt chunk, a member closed (`SpanSession.close`: at once, or
+right after the forward running on it). After each forward it is also dissolved when a row is
+padded past its session's reserved length (the peer's KV budget counts reservations, so a stack
+never holds more than its members reserved) or the padding outweighs what it keeps.
 
-Threads: forwards run one at a time (the scheduler's worker), which is where batches are built,
-stepped and dissolved; `leave` (a session closing on the event loop meanwhile) only flags the batch.
+Failures change nobody: a stack is built completely before the sessions' own caches are emptied,
+a forward that raises is rolled back, and a dissolve copies a member's rows before it touches it.
+Threads: forwards may run in a worker thread while the event loop closes sessions; the batch's
+lock serialises the forward and dissolving.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -38,34 +42,49 @@ if TYPE_CHECKING:
 PADDING_SLACK_TOKENS = 64  # per row: padding this small is never worth a dissolve
 
 
+class StackGone(RuntimeError):
+    """The stack was dissolved (a member closed) between choosing it and stepping it: run alone."""
+
+
 class StackedBatch:
-    """Sessions [members] whose KV of blocks [start, end) lives stacked in `cache`, rows in member order."""
+    """Sessions [members] whose KV of blocks [start, end) lives stacked in `cache`, rows in member order.
+
+    `_lock` is held by the forward (scheduler worker, maybe a thread) and by `dissolve`; a member
+    closing on the event loop dissolves the stack at once if no forward holds it, else flags it
+    for the worker to dissolve right after its forward: closed members' rows never outlive that.
+    """
 
     def __init__(self, span: "SpanModel", sessions: list["SpanSession"], rows: list[int]):
         self.start, self.end = sessions[0].start, sessions[0].end
-        self.members = [weakref.ref(s) for s in sessions]
-        self.member_ids = {id(s) for s in sessions}
+        caches = [s.cache for s in sessions]  # read once: the event loop may close a session meanwhile
+        if any(cache is None for cache in caches):
+            raise StackGone("a session was closed")
         self.rows: dict[int, slice] = {}
         self.lengths: dict[int, int] = {}  # each member's own tokens (its padding not counted)
+        self.limits: dict[int, int | None] = {}  # each member's reserved length (session.max_length)
         row = 0
         for session, count in zip(sessions, rows):
             self.rows[id(session)] = slice(row, row + count)
             self.lengths[id(session)] = session.seen_tokens
+            self.limits[id(session)] = session.max_length
             row += count
         self.total_rows = row
         self.width = max(self.lengths.values())  # tokens per row, padding included
-        self.mask = torch.cat([_pad_left(_own_mask(s, count, span), self.width, dim=1)
-                               for s, count in zip(sessions, rows)])
-        self.cache = DynamicCache(config=span.config)
-        for index in range(self.start, self.end):
-            layers = [s.cache.layers[index] for s in sessions]
-            _stack_layer(self.cache.layers[index], layers, rows, list(self.lengths.values()), self.width)
-            for layer in layers:
-                layer.reset()  # the stacked copy is the only one now
-        for session in sessions:
+        mask = torch.cat([_pad_left(_own_mask(s, count, span), self.width, dim=1) for s, count in zip(sessions, rows)])
+        cache = DynamicCache(config=span.config)
+        for index in range(self.start, self.end):  # every stacked layer first: a failure here changes nobody
+            _stack_layer(cache.layers[index], [c.layers[index] for c in caches], rows,
+                         list(self.lengths.values()), self.width)
+        self.mask, self.cache = mask, cache
+        self.members = [weakref.ref(s) for s in sessions]
+        self.member_ids = {id(s) for s in sessions}
+        self.broken = False  # a member left: dissolve, never step again
+        self._lock = threading.Lock()
+        for session, own in zip(sessions, caches):
+            for index in range(self.start, self.end):
+                own.layers[index].reset()  # the stacked copy is the only one now
             session.stacked = self
             session.own_mask = None  # after `stacked`: a reader on the event loop never sees neither
-        self.broken = False  # a member left: dissolve before the next forward
 
     # ------------------------------------------------------------------ membership
 
@@ -76,8 +95,14 @@ class StackedBatch:
         return {id(s) for s in sessions} == self.member_ids and all(s.stacked is self for s in sessions)
 
     def leave(self, session: "SpanSession") -> None:
+        """A member closes (event loop): the stack goes now, or right after the forward holding it."""
         session.stacked = None
         self.broken = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._dissolve()
+            finally:
+                self._lock.release()
 
     def mask_of(self, session: "SpanSession") -> torch.Tensor | None:
         length = self.lengths[id(session)]
@@ -95,23 +120,26 @@ class StackedBatch:
              masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """One forward of every member (`sessions` in any order, with their new hidden states and
         0/1 masks); returns each one's output. On failure the batch is as it was before."""
-        order = sorted(range(len(sessions)), key=lambda i: self.rows[id(sessions[i])].start)
-        n = hiddens[0].shape[1]
-        hidden = torch.cat([hiddens[i].to(span.device, span.dtype) for i in order])
-        new_mask = torch.cat([masks[i].to(span.device, torch.long) for i in order])
-        mask = torch.cat([self.mask, new_mask], dim=1)
-        positions = positions_from_mask(mask)[:, -n:]
-        blocks = span.blocks[self.start - span.start: self.end - span.start]
-        try:
-            out = span.family.run_blocks(span.context, blocks, self.start, hidden, mask, positions, self.cache)
-        except BaseException:
-            self._roll_back()
-            raise
-        for session in sessions:
-            self.lengths[id(session)] += n
-            session.steps += 1
-        self.mask, self.width = mask, self.width + n
-        return [out[self.rows[id(s)]] for s in sessions]
+        with self._lock:
+            if self.cache is None or self.broken:
+                raise StackGone("a member closed: the stack was dissolved")
+            order = sorted(range(len(sessions)), key=lambda i: self.rows[id(sessions[i])].start)
+            n = hiddens[0].shape[1]
+            hidden = torch.cat([hiddens[i].to(span.device, span.dtype) for i in order])
+            new_mask = torch.cat([masks[i].to(span.device, torch.long) for i in order])
+            mask = torch.cat([self.mask, new_mask], dim=1)
+            positions = positions_from_mask(mask)[:, -n:]
+            blocks = span.blocks[self.start - span.start: self.end - span.start]
+            try:
+                out = span.family.run_blocks(span.context, blocks, self.start, hidden, mask, positions, self.cache)
+            except BaseException:
+                self._roll_back()
+                raise
+            self.mask, self.width = mask, self.width + n
+            for session in sessions:
+                self.lengths[id(session)] += n
+                session.steps += 1
+            return [out[self.rows[id(s)]] for s in sessions]
 
     def _roll_back(self) -> None:
         """Drop what a failed forward appended (the blocks before the failure did update)."""
@@ -125,7 +153,12 @@ class StackedBatch:
                 layer.keys, layer.values = layer.keys[..., :self.width, :], layer.values[..., :self.width, :]
 
     def worth_keeping(self) -> bool:
-        """Is the padding small enough to hold between steps? (See the module doc.)"""
+        """Hold the stack between steps only while no row is padded past what its session reserved
+        (the peer's KV budget counts reservations) and the padding is small (see the module doc)."""
+        if self.broken:
+            return False
+        if any(limit is not None and self.width > limit for limit in self.limits.values()):
+            return False
         real = sum((self.rows[key].stop - self.rows[key].start) * length for key, length in self.lengths.items())
         padding = self.total_rows * self.width - real
         return padding <= max(real, PADDING_SLACK_TOKENS * self.total_rows)
@@ -134,24 +167,33 @@ class StackedBatch:
 
     def dissolve(self) -> None:
         """Give every open member its own cache and mask back (copies: a view would pin everyone's KV)."""
+        with self._lock:
+            self._dissolve()
+
+    def _dissolve(self) -> None:
+        if self.cache is None:
+            return
         for ref in self.members:
             session = ref()
             if session is None or session.stacked is not self:
                 continue
-            if session.cache is None:
+            cache = session.cache  # read once: the event loop may close it meanwhile
+            if cache is None:
                 session.stacked = None
-                continue  # closed meanwhile
-            rows, length = self.rows[id(session)], self.lengths[id(session)]
-            session.attention_mask = None if length == 0 else self.mask[rows, self.width - length:].clone()
-            session.stacked = None  # after its own mask is back (seen_tokens may be read meanwhile)
-            if length == 0:
                 continue
-            for index in range(self.start, self.end):
-                source, layer = self.cache.layers[index], session.cache.layers[index]
-                keys, values = (t[rows, ..., self.width - length:, :].clone() for t in (source.keys, source.values))
+            rows, length = self.rows[id(session)], self.lengths[id(session)]
+            own_mask = None if length == 0 else self.mask[rows, self.width - length:].clone()
+            copies = [] if length == 0 else [
+                tuple(t[rows, ..., self.width - length:, :].clone() for t in (self.cache.layers[i].keys,
+                                                                                self.cache.layers[i].values))
+                for i in range(self.start, self.end)]  # all copied before anything changes
+            for index, (keys, values) in zip(range(self.start, self.end), copies):
+                layer = cache.layers[index]
                 if not layer.is_initialized:
                     layer.lazy_initialization(keys, values)
                 layer.keys, layer.values = keys, values
+            session.attention_mask = own_mask
+            session.stacked = None  # after its own KV and mask are back (seen_tokens may be read meanwhile)
         self.members, self.member_ids, self.broken = [], set(), True
         self.cache = None
 

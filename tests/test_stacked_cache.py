@@ -84,18 +84,67 @@ def test_a_member_stepping_alone_takes_its_cache_back_and_the_others_go_on(span)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_closed_member_leaves_and_its_rows_go_at_the_next_forward(span):
+def test_a_closed_member_frees_the_stack_at_once_and_the_others_go_on(span):
     stacked, alone = sessions_after_prompts(span, LENGTHS), sessions_after_prompts(span, LENGTHS)
     decode(span, stacked, 0)
     decode_alone(span, alone, 0)
     old_batch = stacked[0].stacked
-    stacked[2].close()
-    assert stacked[2].cache is None and stacked[2].stacked is None
+    stacked[2].close()  # the registry closing it on the event loop; no forward holds the stack
+    assert stacked[2].cache is None and old_batch.cache is None  # its rows are not pinned by the others
+    assert all(s.stacked is None for s in stacked)
     survivors, their_alone = stacked[:2] + stacked[3:], alone[:2] + alone[3:]
     for got, want in zip(decode(span, survivors, 1), decode_alone(span, their_alone, 1)):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert old_batch.cache is None  # dissolved: the closed member's KV is gone with it
     assert survivors[0].stacked.total_rows == 3
+
+
+def test_a_member_closing_during_the_forward_is_dropped_right_after_it(span, monkeypatch):
+    stacked = sessions_after_prompts(span, LENGTHS)
+    decode(span, stacked, 0)
+    batch, first_block = stacked[0].stacked, span.blocks[0]
+    forward = first_block.forward
+
+    def close_meanwhile(*args, **kwargs):  # the event loop closes a session while a thread computes
+        stacked[1].close()
+        return forward(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(first_block, "forward", close_meanwhile)
+        decode(span, stacked, 1)
+    assert batch.cache is None and all(s.stacked is None for s in stacked)
+    assert [s.seen_tokens for i, s in enumerate(stacked) if i != 1] == [LENGTHS[i] + 2 for i in (0, 2, 3)]
+
+
+def test_a_failure_while_stacking_changes_nobody(span, monkeypatch):
+    import molink.peer.stacked_cache as stacked_cache
+
+    sessions, alone = sessions_after_prompts(span, LENGTHS), sessions_after_prompts(span, LENGTHS)
+    calls, real = [], stacked_cache._stack_layer
+
+    def fail_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room for the stack")
+        return real(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stacked_cache, "_stack_layer", fail_third)
+        with pytest.raises(MemoryError):
+            decode(span, sessions, 0)
+    assert all(s.stacked is None for s in sessions)
+    for got, want in zip(decode_alone(span, sessions, 0), decode_alone(span, alone, 0)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stack_never_pads_a_row_past_what_its_session_reserved(span):
+    roomy, short = sessions_after_prompts(span, [40, 30, 30]), sessions_after_prompts(span, [40, 30, 30])
+    for session in roomy + short:
+        session.max_length = 64
+    short[1].max_length = 35  # a session that asked for a short cache: 41 wide would pin more than that
+    decode(span, roomy, 0)
+    decode(span, short, 0)
+    assert roomy[0].stacked is not None  # 41 tokens wide: within every reservation
+    assert all(s.stacked is None for s in short)
 
 
 def test_a_failed_forward_leaves_the_stacked_sessions_as_they_were(span, monkeypatch):
