@@ -17,23 +17,31 @@ groups only ever merge by themselves, so without the split 20 + 12 would stay 20
 smaller waiting out its deadline every round. Where the rule
 says k = 1 (splitting predicts no gain: a tiny model, whose steps are mostly fixed costs) nothing
 is held. Where it says many (a WAN: the links' delay dominates) the target is small and met at
-once. Measured, 32 SmolLM2 sessions, 3 local peers, 2 cores, 64 new tokens: 125.5 tok/s at
-ITL p50 246 ms without, 170.0 tok/s at 180 ms with 2 cohorts (1 cohort: 147.9, lockstep).
+once. Measured, 32 SmolLM2 sessions x 64 tokens, 3 local peers, 2 cores: 121.0-127.4 tok/s at
+ITL p50 245-251 ms without, 165.7-183.5 tok/s at 168-179 ms with (k = 2), back to back.
+Only sessions that stepped within STALE_INTERVALS of the pace count as decoding (an idle one or
+one in a long prompt is not waited for); fewer than MIN_SESSIONS: nothing held. A failure to
+count cohorts groups nothing; a carrier that fails leaves no step behind it (step_bundles.py).
 MOLINK_COHORTS=0 turns it off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
 
 import trio
 
+logger = logging.getLogger(__name__)
+
 COHORT_WAIT_FRACTION = 0.3  # hold a bundle at most this share of the sessions' step interval
 MAX_COHORT_WAIT = 0.25  # seconds, whatever the interval
 INTERVAL_SMOOTHING = 0.1  # weight of a new step interval in the running average
 MIN_SESSIONS = 4  # fewer decoding sessions: nothing to group
+STALE_INTERVALS = 3  # a session silent for this many step intervals is not counted as decoding
+PACE_CHANGE_SAMPLES = 16  # this many paused-looking intervals in a row: the pace itself changed
 
 
 def cohorts_enabled() -> bool:
@@ -52,6 +60,7 @@ class CohortGate:
         self._decoding: dict[str, set] = {}  # first hop -> sessions that sent decode steps
         self._last_send: dict[object, float] = {}  # session -> when it last sent one
         self._interval: dict[str, float] = {}  # first hop -> running average of a session's step interval
+        self._skipped: dict[str, int] = {}  # first hop -> interval samples skipped in a row (pauses)
         self._counts: dict[tuple, int] = {}
         self._ready: dict[str, trio.Event] = {}  # first hop -> set when its bundle reaches its target
         self._targets: dict[str, int] = {}
@@ -64,12 +73,23 @@ class CohortGate:
         self._decoding.setdefault(key, set()).add(session)
         last = self._last_send.get(session)
         if last is not None:
-            average = self._interval.get(key)
-            sample = now - last
-            self._interval[key] = sample if average is None else average + INTERVAL_SMOOTHING * (sample - average)
+            self._observe(key, now - last)
         self._last_send[session] = now
         if queued >= self._targets.get(key, math.inf):
             self._ready[key].set()
+
+    def _observe(self, key: str, sample: float) -> None:
+        """A session's step interval into the hop's running average. A sample over STALE_INTERVALS x
+        the average is a pause (the session was idle or in a prompt), not the pace, and is skipped;
+        PACE_CHANGE_SAMPLES of them in a row mean the pace itself changed: start over from them."""
+        average = self._interval.get(key)
+        if average is not None and sample > STALE_INTERVALS * average:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            if self._skipped[key] < PACE_CHANGE_SAMPLES:
+                return
+            average = None
+        self._skipped[key] = 0
+        self._interval[key] = sample if average is None else average + INTERVAL_SMOOTHING * (sample - average)
 
     def forget(self, session) -> None:
         for sessions in self._decoding.values():
@@ -80,9 +100,12 @@ class CohortGate:
         """Hold the bundle for `key` until its cohort is in (see the module doc); returns the most
         steps one bundle should carry (a larger one is split: the rest form the next cohort), or
         None for no limit."""
-        decoding = len(self._decoding.get(key, ()))
         interval = self._interval.get(key)
-        if decoding < MIN_SESSIONS or interval is None:
+        if interval is None:
+            return None
+        now = trio.current_time()  # sessions that stopped stepping (idle, in a prompt) are not waited for
+        decoding = sum(1 for s in self._decoding.get(key, ()) if now - self._last_send[s] <= STALE_INTERVALS * interval)
+        if decoding < MIN_SESSIONS:
             return None
         k = self._cohorts(carrier, decoding)
         if k <= 1:
@@ -107,5 +130,9 @@ class CohortGate:
         if key not in self._counts:
             if len(self._counts) > 1024:
                 self._counts.clear()
-            self._counts[key] = self.count(carrier, decoding)
+            try:
+                self._counts[key] = self.count(carrier, decoding)
+            except Exception:  # noqa: BLE001 - no cohort count is no reason to stop anyone's steps
+                logger.warning("cohort count failed; not grouping", exc_info=True)
+                self._counts[key] = 1
         return self._counts[key]

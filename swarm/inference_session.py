@@ -247,9 +247,17 @@ class RemoteSession:
         """A bundled result for this session (step_bundles.py): as if the last hop sent it to us."""
         self._events_send.send_nowait((len(self.route) - 1, frame))
 
+    @property
+    def is_open(self) -> bool:
+        """Neither closing nor failed: its streams may still carry other sessions' steps."""
+        return not self._closing.is_set() and self._failure is None
+
     def fail_hop(self, index: int, error: Exception) -> None:
         """A bundle carrying our step could not be sent to hop `index`."""
-        self._events_send.send_nowait((index, error))
+        try:
+            self._events_send.send_nowait((index, error))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the session is over: nobody waits for that step any more
 
     # ------------------------------------------------------------------ steps
 

@@ -79,24 +79,49 @@ class StepBundles:
         # shielded: the steps of other sessions ride on this send; a cancel here must not strand them
         # (the cohort wait is bounded by its own deadline)
         with trio.CancelScope(shield=True):
-            await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
-            # a bundle over its cohort's share leaves as that share; the rest is the next cohort's
-            # start, which this task carries too once that cohort is in (whole: one split per
-            # carrier, or a carrier could be kept from sending its own next step)
-            limit = None
-            for split in (True, False):
-                if self.cohorts is not None:
-                    limit = await self.cohorts.wait(key, session, lambda: len(self._pending.get(key, ())))
-                batch = self._pending.pop(key, [])
-                rest = batch[limit:] if split and limit is not None else []
-                if rest:
-                    batch, self._pending[key] = batch[:limit], rest
-                for part in _parts(batch, session.hidden_size):
-                    await self._send_part(part)
-                if not rest:
-                    break
+            try:
+                await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
+                await self._carry(key, session)
+            except BaseException as exc:  # whatever went wrong, no step queued here waits for nobody
+                error = exc if isinstance(exc, Exception) else RuntimeError("the bundle's carrier stopped")
+                for waiting, _ in self._pending.pop(key, []):
+                    waiting.fail_hop(0, error)
+                raise
 
-    async def _send_part(self, part: list[tuple[object, dict]]) -> None:
+    async def _carry(self, key: str, session) -> None:
+        # a bundle over its cohort's share leaves as that share; the rest is the next cohort's
+        # start, which this task carries too once that cohort is in (whole: one split per
+        # carrier, or a carrier could be kept from sending its own next step)
+        limit = None
+        for split in (True, False):
+            if self.cohorts is not None:
+                limit = await self.cohorts.wait(key, session, lambda: len(self._pending.get(key, ())))
+            batch = self._pending.pop(key, [])
+            rest = batch[limit:] if split and limit is not None else []
+            if rest:
+                batch, self._pending[key] = batch[:limit], rest
+            await self._send(batch, session.hidden_size)
+            if not rest:
+                break
+
+    async def _send(self, batch: list[tuple[object, dict]], hidden_size: int) -> None:
+        """Send steps on the stream of an open session among them: one closed while the bundle
+        waited (a user's cancel, a failover) must not take the others' steps down with it."""
+        closed = [(s, body) for s, body in batch if not getattr(s, "is_open", True)]
+        for session, _ in closed:
+            session.fail_hop(0, RuntimeError("the session closed before its step left"))
+        batch = [(s, body) for s, body in batch if getattr(s, "is_open", True)]
+        for attempt in range(2):
+            failed = []
+            for part in _parts(batch, hidden_size):
+                failed += await self._send_part(part, last_try=attempt == 1)
+            if not failed:
+                return
+            batch = failed  # the carriers' own steps failed with them; the rest try another carrier
+
+    async def _send_part(self, part: list[tuple[object, dict]], last_try: bool) -> list[tuple[object, dict]]:
+        """Send one part; on a stream error the carrier's step fails, and the others' are returned
+        to try again on another carrier (or failed too, on the last try)."""
         carrier = part[0][0]
         if len(part) == 1:
             frame = Frame(p.STEP, part[0][1]["step"], part[0][1])
@@ -105,12 +130,16 @@ class StepBundles:
         try:
             await carrier.streams[0].send(frame)
         except STREAM_ERRORS as exc:
-            for session, _ in part:
+            carrier.fail_hop(0, exc)
+            if not last_try:
+                return part[1:]
+            for session, _ in part[1:]:
                 session.fail_hop(0, exc)
-            return
+            return []
         if len(part) > 1:
             self.stats.frames += 1
             self.stats.steps += len(part)
+        return []
 
     def dispatch(self, peer_id: str, frame: Frame) -> None:
         """A `results` frame from peer_id: each item to its session, as that hop's `result`.

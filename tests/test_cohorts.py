@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from molink.dht.streams import FramedStreamError
 from molink.peer import protocol as p
 from molink.swarm.cohorts import COHORT_WAIT_FRACTION, CohortGate
 from molink.swarm.step_bundles import StepBundles
@@ -28,8 +29,11 @@ class Hop:
 @dataclass
 class RecordingStream:
     frames: list = field(default_factory=list)
+    broken: bool = False  # its connection died: every send fails as a real one would
 
     async def send(self, frame) -> None:
+        if self.broken:
+            raise FramedStreamError("stream reset")
         self.frames.append((trio.current_time(), frame))
 
 
@@ -41,9 +45,11 @@ class Session:
         self.session_ids = [bytes([index]) * 8, bytes([index + 1]) * 8]
         self.batch_size, self.max_length, self.hidden_size = 1, 64, 8
         self.streams = [stream]
+        self.is_open = True
+        self.failed: list[Exception] = []
 
-    def fail_hop(self, index, exc):  # pragma: no cover - the recording stream never fails
-        raise AssertionError(exc)
+    def fail_hop(self, index, exc):
+        self.failed.append(exc)
 
 
 def sizes(stream: RecordingStream) -> list[int]:
@@ -123,3 +129,43 @@ async def test_closed_sessions_stop_counting(autojump_clock):
     started = trio.current_time()
     await step_all(bundles, sessions[:4], 2)  # 4 decoding: 2 cohorts of 2, nobody waits for the gone
     assert sizes(stream) == [2, 2] and all(at == started for at, _ in stream.frames)
+
+
+def carried_sessions(stream: RecordingStream) -> list[bytes]:
+    return [item["session_id"] for _, frame in stream.frames for item in frame.body.get("items", [frame.body])]
+
+
+async def test_a_closed_or_broken_carrier_does_not_take_the_others_steps_down():
+    shared = RecordingStream()
+    sessions = [Session(2 * i, shared) for i in range(6)]
+    sessions[0].is_open = False  # closed while the bundle waited (a cancel, a failover)
+    sessions[1].streams = [RecordingStream(broken=True)]  # the next carrier's stream is dead
+    bundles = StepBundles()
+    for session in sessions:
+        bundles.register(session)
+    await step_all(bundles, sessions, 0)
+    assert sessions[0].failed and sessions[1].failed  # only their own steps fail
+    assert all(not s.failed for s in sessions[2:])
+    assert sorted(carried_sessions(shared)) == sorted(s.session_ids[0] for s in sessions[2:])
+
+
+async def test_sessions_that_stopped_stepping_are_not_waited_for(autojump_clock):
+    stream, sessions, bundles = setup(8, cohorts=2)
+    await warm_up(bundles, sessions)
+    await trio.sleep(4 * ROUND)  # half of them went quiet (finished their turn, a long prompt)
+    stream.frames.clear()
+    started = trio.current_time()
+    await step_all(bundles, sessions[:4], 2)
+    assert sizes(stream) == [2, 2] and all(at == started for at, _ in stream.frames)
+
+
+async def test_a_failing_cohort_count_groups_nothing(autojump_clock):
+    def broken(carrier, decoding):
+        raise ValueError("no route costs")
+
+    stream, sessions, bundles = setup(8, cohorts=2)
+    bundles.cohorts.count = broken
+    await warm_up(bundles, sessions)
+    stream.frames.clear()
+    await step_all(bundles, sessions[:5], 2)
+    assert sizes(stream) == [5] and not any(s.failed for s in sessions)
