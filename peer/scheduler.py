@@ -48,6 +48,7 @@ import trio
 from molink.peer.batched_span import StepWork, batch_key, batchable, step_batched
 from molink.peer.cost_curve import BLOCKS_CURVE
 from molink.peer.span import SpanModel
+from molink.peer.stacked_cache import StackGone
 
 logger = logging.getLogger(__name__)
 
@@ -277,11 +278,14 @@ class StepScheduler:
                     item.error = RuntimeError("the session was closed")
             try:
                 outputs = step_batched(group[0].span, [item.work for item in live], self.stats) if live else []
-            except Exception:  # noqa: BLE001 - one bad step must not fail the others: run them alone
+            except Exception as exc:  # noqa: BLE001 - one bad step must not fail the others: run them alone
                 if len(live) == 1:
                     raise
-                logger.warning("batched step of %d sessions failed; running them one by one", len(live),
-                               exc_info=True)
+                if isinstance(exc, StackGone):  # a member closed meanwhile: expected, nothing went wrong
+                    logger.debug("stack of %d sessions dissolved under the step; running them one by one", len(live))
+                else:
+                    logger.warning("batched step of %d sessions failed; running them one by one", len(live),
+                                   exc_info=True)
                 outputs = [_run_alone(item) for item in live]
             for item, output in zip(live, outputs):
                 item.result = output
