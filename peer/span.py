@@ -72,7 +72,8 @@ class SpanSession:
             stacked.dissolve()
 
     def close(self) -> None:
-        """Free the KV now (its rows of a stacked batch go when that batch next changes)."""
+        """Free the KV now (a stacked batch it is in gives the others their rows back at once, or
+        right after the forward running on it)."""
         stacked = self.stacked  # read once: the scheduler's worker may dissolve it meanwhile
         if stacked is not None:
             stacked.leave(self)
@@ -146,15 +147,19 @@ class SpanModel:
         session.detach()
         mask = new_mask.to(self.device, torch.long)
         full_mask = mask if session.attention_mask is None else torch.cat([session.attention_mask, mask], dim=1)
-        positions = positions_from_mask(full_mask)[:, -mask.shape[1]:]
-        blocks = self.blocks[session.start - self.start: session.end - self.start]
-        out = self.family.run_blocks(
-            self.context, blocks, session.start,
-            hidden_states.to(self.device, self.dtype), full_mask, positions, session.cache,
-        )
+        out = self.run(session.start, session.end, hidden_states, full_mask, session.cache)
         session.attention_mask = full_mask
         session.steps += 1
         return out
+
+    def run(self, start: int, end: int, hidden_states: torch.Tensor, full_mask: torch.Tensor,
+            cache: DynamicCache) -> torch.Tensor:
+        """Blocks [start, end) over new hidden states [rows, n, hidden]; `full_mask` [rows, past + n]
+        is every token's 0/1 mask (the positions of the new ones come from it), `cache` the past."""
+        positions = positions_from_mask(full_mask)[:, -hidden_states.shape[1]:]
+        blocks = self.blocks[start - self.start: end - self.start]
+        return self.family.run_blocks(self.context, blocks, start, hidden_states.to(self.device, self.dtype),
+                                      full_mask, positions, cache)
 
 
 def _config_dtype(config: PretrainedConfig) -> torch.dtype:

@@ -34,8 +34,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from molink.peer.span import positions_from_mask
-
 if TYPE_CHECKING:
     from molink.peer.span import SpanModel, SpanSession
 
@@ -128,10 +126,8 @@ class StackedBatch:
             hidden = torch.cat([hiddens[i].to(span.device, span.dtype) for i in order])
             new_mask = torch.cat([masks[i].to(span.device, torch.long) for i in order])
             mask = torch.cat([self.mask, new_mask], dim=1)
-            positions = positions_from_mask(mask)[:, -n:]
-            blocks = span.blocks[self.start - span.start: self.end - span.start]
             try:
-                out = span.family.run_blocks(span.context, blocks, self.start, hidden, mask, positions, self.cache)
+                out = span.run(self.start, self.end, hidden, mask, self.cache)
             except BaseException:
                 self._roll_back()
                 raise

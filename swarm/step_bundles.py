@@ -79,16 +79,18 @@ class StepBundles:
         # shielded: the steps of other sessions ride on this send; a cancel here must not strand them
         # (the cohort wait is bounded by its own deadline)
         with trio.CancelScope(shield=True):
+            owned = [pending]  # the queue this task must send: a newer one at `key` has its own carrier
             try:
                 await trio.sleep(0)  # sessions woken in this same round queue theirs meanwhile
-                await self._carry(key, session)
+                await self._carry(key, session, owned)
             except BaseException as exc:  # whatever went wrong, no step queued here waits for nobody
-                error = exc if isinstance(exc, Exception) else RuntimeError("the bundle's carrier stopped")
-                for waiting, _ in self._pending.pop(key, []):
-                    waiting.fail_hop(0, error)
+                if owned[0] is not None and self._pending.get(key) is owned[0]:
+                    error = exc if isinstance(exc, Exception) else RuntimeError("the bundle's carrier stopped")
+                    for waiting, _ in self._pending.pop(key):
+                        waiting.fail_hop(0, error)
                 raise
 
-    async def _carry(self, key: str, session) -> None:
+    async def _carry(self, key: str, session, owned: list) -> None:
         # a bundle over its cohort's share leaves as that share; the rest is the next cohort's
         # start, which this task carries too once that cohort is in (whole: one split per
         # carrier, or a carrier could be kept from sending its own next step)
@@ -100,6 +102,7 @@ class StepBundles:
             rest = batch[limit:] if split and limit is not None else []
             if rest:
                 batch, self._pending[key] = batch[:limit], rest
+            owned[0] = rest or None
             await self._send(batch, session.hidden_size)
             if not rest:
                 break
@@ -107,10 +110,10 @@ class StepBundles:
     async def _send(self, batch: list[tuple[object, dict]], hidden_size: int) -> None:
         """Send steps on the stream of an open session among them: one closed while the bundle
         waited (a user's cancel, a failover) must not take the others' steps down with it."""
-        closed = [(s, body) for s, body in batch if not getattr(s, "is_open", True)]
-        for session, _ in closed:
-            session.fail_hop(0, RuntimeError("the session closed before its step left"))
-        batch = [(s, body) for s, body in batch if getattr(s, "is_open", True)]
+        for session, _ in batch:
+            if not session.is_open:
+                session.fail_hop(0, RuntimeError("the session closed before its step left"))
+        batch = [(session, body) for session, body in batch if session.is_open]
         for attempt in range(2):
             failed = []
             for part in _parts(batch, hidden_size):
