@@ -287,8 +287,9 @@ async def test_dead_peer_is_listed_from_replicas_until_its_record_expires() -> N
     with trio.fail_after(TEST_DEADLINE):
         async with swarm(peers=2) as (boot, _peers, client, nodes):
             dead = await nodes.add(boot.addrs)
-            await dead.dht.announce(dead.record(0, 12, ttl=1.5))
-            expires_at = time.time() + 1.5
+            # long enough for the kill and a lookup on a loaded 2-core box (1.5 s was not)
+            await dead.dht.announce(dead.record(0, 12, ttl=4.0))
+            expires_at = time.time() + 4.0
             await dead.kill()
             # Its host is gone (killed without a withdrawal): the direct ask fails fast and
             # the replicas still vouch for it, until its own expiry says otherwise.
