@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 from libp2p.peer.id import ID
@@ -27,6 +28,7 @@ from molink.dht.codec_policy import encode_hidden_async
 from molink.dht.wire import Frame
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
+from molink.peer.cost_curve import ForwardCost, timed
 from molink.peer.faults import Faults
 from molink.peer.push_channels import PushChannels
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
@@ -71,6 +73,7 @@ class InferenceHandler:
         self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
         self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
+        self.forward_cost = ForwardCost(throughput)  # steps computed here when batching is off
         # one shared channel per next-hop peer across a WAN (push_channels.py)
         self.push_channels = PushChannels(self._dial_next_hop, share=lambda hop: is_long_path(hop.addrs))
         self._idle_streams: dict[str, int] = {}  # client -> its streams waiting for a next session here
@@ -370,12 +373,15 @@ class InferenceHandler:
     async def _compute(self, session: ActiveSession, hidden, mask):
         if self.scheduler is not None:
             return await self.scheduler.submit(session.span, StepWork(session.span_session, hidden, mask))
-        blocks = session.span_session.end - session.span_session.start
-        expected = hidden.shape[0] * hidden.shape[1] * blocks / self.throughput if self.throughput else 1.0
-        if expected < INLINE_COMPUTE_SECONDS and self.compute_limiter.borrowed_tokens == 0:
-            return session.span.step(session.span_session, hidden, mask)
-        return await trio.to_thread.run_sync(session.span.step, session.span_session, hidden, mask,
-                                             limiter=self.compute_limiter)
+        rows, blocks = hidden.shape[0] * hidden.shape[1], session.span_session.end - session.span_session.start
+        expected = self.forward_cost.predict(rows, blocks)
+        step = partial(session.span.step, session.span_session, hidden, mask)
+        if expected is not None and expected < INLINE_COMPUTE_SECONDS and self.compute_limiter.borrowed_tokens == 0:
+            output, seconds = timed(step)
+        else:
+            output, seconds = await trio.to_thread.run_sync(timed, step, limiter=self.compute_limiter)
+        self.forward_cost.observe(rows, blocks, seconds)
+        return output
 
     async def _send_error(self, framed: FramedStream, request_id: int, code: str, message: str,
                           step: int | None = None, limit: str | None = None) -> None:

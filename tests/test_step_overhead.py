@@ -3,7 +3,8 @@
 - A step's input checks (protocol.decode_step_tensors) run in Python / numpy for small tensors and
   in torch for large ones: both refuse exactly what the torch checks refused.
 - The scheduler's inline-or-thread decision predicts a batched decode forward as flat in its rows
-  up to BLOCKS_CURVE's free rows (what a decode forward costs on CPU), and a prompt chunk as growing with tokens.
+  up to BLOCKS_CURVE's free rows (what a decode forward costs on CPU), and a prompt chunk as growing with tokens;
+  its one-row cost follows the forwards the peer runs, not only the throughput measured at start.
 - tune_gc spaces young collections out, once, never lowering a larger threshold, and can be off.
 """
 
@@ -13,10 +14,15 @@ import gc
 
 import pytest
 import torch
+import trio
 
 from molink.dht.wire import encode_tensor
 from molink.peer import protocol as p
 from molink.peer import scheduler as s
+from molink.peer.batched_span import StepWork
+from molink.peer.cost_curve import BLOCKS_CURVE, ForwardCost
+from molink.peer.scheduler import BatchingConfig
+from molink.peer.span import SpanModel
 
 HIDDEN = 8
 
@@ -61,12 +67,60 @@ def test_step_checks_take_zero_one_masks_and_refuse_others(tokens, dtype):
 
 
 def test_inline_prediction_is_flat_for_decode_batches_and_grows_with_prompt_tokens():
-    blocks, throughput = 2, 2000.0  # 1 ms per one-row forward
-    one = s.forward_seconds(1, blocks, throughput)
+    blocks, cost = 2, ForwardCost(throughput=2000.0)  # 1 ms per one-row forward
+    one = cost.predict(1, blocks)
     assert one == pytest.approx(0.001)
-    assert s.forward_seconds(s.BLOCKS_CURVE.free_rows, blocks, throughput) == one  # a decode batch reads the weights once
-    assert s.forward_seconds(s.BLOCKS_CURVE.free_rows + s.BLOCKS_CURVE.rows_per_extra, blocks, throughput) == pytest.approx(2 * one)
-    assert s.forward_seconds(128, blocks, throughput) > s.INLINE_COMPUTE_SECONDS  # a prompt chunk: threaded
+    assert cost.predict(BLOCKS_CURVE.free_rows, blocks) == one  # a decode batch reads the weights once
+    assert cost.predict(BLOCKS_CURVE.free_rows + BLOCKS_CURVE.rows_per_extra, blocks) == pytest.approx(2 * one)
+    assert cost.predict(128, blocks) > s.INLINE_COMPUTE_SECONDS  # a prompt chunk: threaded
+
+
+def test_forward_cost_follows_the_forwards_run_not_a_start_measure_taken_under_load():
+    """Peers starting side by side measured each other's loading: the first guess said 2.4 ms for a
+    forward that takes 1.2, so every step paid a thread hand-off. What the forwards take wins."""
+    cost = ForwardCost(throughput=800.0, samples=8)  # 1.25 ms per block: 2 blocks predicted 2.5 ms
+    assert cost.predict(1, 2) > s.INLINE_COMPUTE_SECONDS
+    for _ in range(4):
+        cost.observe(rows=1, blocks=2, seconds=0.0012)
+        cost.observe(rows=16, blocks=2, seconds=0.0012 * BLOCKS_CURVE.factor(16))  # scaled back to one row
+    assert cost.predict(1, 2) == pytest.approx(0.0012)
+    cost.observe(rows=1, blocks=2, seconds=0.5)  # one stalled forward (another process woke) moves nothing
+    assert cost.predict(1, 2) == pytest.approx(0.0012)
+    for _ in range(8):  # the machine really got slower: the estimate follows within `samples` forwards
+        cost.observe(rows=1, blocks=2, seconds=0.004)
+    assert cost.predict(1, 2) == pytest.approx(0.004)
+    assert ForwardCost().predict(1, 2) is None  # nothing measured, nothing run: no guess (forwards threaded)
+    ForwardCost().observe(rows=0, blocks=2, seconds=0.1)  # nothing to learn from an empty forward
+
+
+async def test_the_scheduler_runs_a_forward_inline_once_its_real_cost_is_known(tiny_llama, monkeypatch):
+    """A start measure taken under load (2 block-steps/s: 1 s for two blocks) first threads the
+    forward; the forwards' own timing then brings it onto the event loop (same thread as the caller).
+    The bound is raised to 50 ms so that a loaded test machine's slow forwards still count as tiny."""
+    import threading
+
+    monkeypatch.setattr(s, "INLINE_COMPUTE_SECONDS", 0.05)
+    span = SpanModel.load(tiny_llama, 0, 2)
+    scheduler = s.StepScheduler(BatchingConfig(window=0.0), throughput=2.0)
+    threads = []
+    original = span.step
+
+    def step(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    span.step = step
+    session = span.new_session()
+    hidden = torch.randn(1, 1, span.config.hidden_size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        for _ in range(5):  # the first forward warms up (several ms): the median needs a few more
+            await scheduler.submit(span, StepWork(session, hidden, torch.ones(1, 1, dtype=torch.long)))
+        nursery.cancel_scope.cancel()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the first guess: too slow for the loop
+    assert threads[-1] == loop_thread  # what the forward really took: well under INLINE_COMPUTE_SECONDS
+    assert scheduler.cost.predict(1, 2) < s.INLINE_COMPUTE_SECONDS
 
 
 def test_tune_gc_raises_the_young_threshold_once_and_can_be_off(monkeypatch):
