@@ -150,6 +150,9 @@ def _add_join(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://<listen IP>:PORT/metrics (0: any free port; "
                         "default: off)")
+    p.add_argument("--low-latency", action="store_true",
+                   help="keep this machine's CPUs out of deep idle states while serving (Linux PM QoS, needs "
+                        "root; faster steps, more power; also MOLINK_LOW_LATENCY=1; see README)")
     p.set_defaults(func=run_join)
 
 
@@ -222,8 +225,17 @@ def run_join(args) -> int:
 
     Faults.parse(os.environ.get(FAULTS_ENV, ""))  # a typo in a test's fault spec fails here, not mid-serve
     server = PeerServer.load(config)
-    trio.run(server.serve)
+    with _low_latency(args):
+        trio.run(server.serve)
     return 0
+
+
+def _low_latency(args):
+    from contextlib import nullcontext
+
+    from molink.peer.low_latency import cpu_latency_bound, low_latency_from_env
+
+    return cpu_latency_bound(0) if args.low_latency or low_latency_from_env() else nullcontext()
 
 
 def _batching(args):

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from molink.peer.low_latency import low_latency_for_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -535,6 +537,8 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--profile-top", type=int, default=10)
     parser.add_argument("--profile-tokens", type=int, default=256, help="new tokens per profiled generation")
+    parser.add_argument("--low-latency", action="store_true",
+                        help="hold a 0 us CPU wake-up bound (PM QoS, root) here and in every peer (peer/low_latency.py)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "latency.json"))
     args = parser.parse_args()
 
@@ -548,7 +552,10 @@ def main() -> None:
     workroot = Path(tempfile.mkdtemp(prefix="molink-bench-latency-"))
     git = git_state()  # the code the peers start with (others may edit the tree while this runs)
     results = []
+    setting = contextlib.ExitStack()
     try:
+        cpu_setting = setting.enter_context(low_latency_for_benchmark(args.low_latency))
+        log(f"CPU latency setting: {cpu_setting}")
         dirs = model_dirs(args.models.split(","), workroot)
         for name, model_dir in dirs.items():
             with contextlib.ExitStack() as stack:  # clients closed, then swarms stopped, whatever happens
@@ -558,11 +565,13 @@ def main() -> None:
         log("interrupted: every process started here has been stopped")
         sys.exit(130)
     finally:
+        setting.close()
         shutil.rmtree(workroot, ignore_errors=True)
     print_tables(results, args)
+    print(f"CPU latency setting (the same for the baseline and the swarms): {cpu_setting}")
     meta = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "git": git,
+            "python": platform.python_version(), "git": git, **cpu_setting,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "per_hop_definition": "(swarm - in-process spans with the same K) / hops; push K+1, relay 2K"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

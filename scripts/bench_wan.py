@@ -28,6 +28,7 @@ hops: push = K+1 (client -> p0 -> p1 -> p2 -> client), relay = 2K (client <-> ea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -44,6 +45,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from wan_bed import WanBed, need_root  # noqa: E402
 from wan_swarm import run_client, start_swarm  # noqa: E402
+
+from molink.peer.low_latency import low_latency_for_benchmark  # noqa: E402
 
 HOSTS = ["boot", "p0", "p1", "p2", "client"]
 DECODE_GOAL, TTFT_GOAL = 1.10, 1.15
@@ -208,6 +211,8 @@ def main() -> None:
                         help="set in every host namespace, e.g. net.ipv4.tcp_slow_start_after_idle=0")
     parser.add_argument("--route", default="", metavar="OPTIONS",
                         help="options for every host's route, e.g. 'initcwnd 64 initrwnd 64'")
+    parser.add_argument("--low-latency", action="store_true",
+                        help="hold a 0 us CPU wake-up bound (PM QoS) here and in every peer (peer/low_latency.py)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "wan.json"))
     args = parser.parse_args()
     args.prompts = [int(n) for n in args.prompts.split(",")]
@@ -216,18 +221,23 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the bed's with-block: all cleaned
     workroot = Path(tempfile.mkdtemp(prefix="molink-bench-wan-"))
     git, results = git_state(), []
+    setting = contextlib.ExitStack()
     try:
+        cpu_setting = setting.enter_context(low_latency_for_benchmark(args.low_latency))
+        log(f"CPU latency setting: {cpu_setting}")
         for name in args.models.split(","):
             results.append(bench_model(name, model_dir(name, workroot), args, workroot))
     except KeyboardInterrupt:
         log("interrupted: the bed and every process in it are gone")
         sys.exit(130)
     finally:
+        setting.close()
         shutil.rmtree(workroot, ignore_errors=True)
     print_tables(results, args)
+    print(f"CPU latency setting (the same for the floors' measurements and the swarm): {cpu_setting}")
     meta = {"delay_ms": args.delay_ms, "rate_mbit": args.rate_mbit, "loss": args.loss, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "prompts": args.prompts, "threads": args.threads, "sysctls": args.sysctl, "route": args.route,
-            "spot_check": args.spot_check,
+            "spot_check": args.spot_check, **cpu_setting,
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git": git, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "goals": {"decode_ratio": DECODE_GOAL, "ttft_ratio_vs_overlapped": TTFT_GOAL}}

@@ -42,9 +42,10 @@ def bundles_enabled() -> bool:
 class BundleStats:
     frames: int = 0  # steps frames sent
     steps: int = 0  # decode steps that travelled in them
+    alone: int = 0  # decode steps of a session that was the client's only one: sent at once
 
     def as_dict(self) -> dict:
-        return {"frames": self.frames, "steps": self.steps}
+        return {"frames": self.frames, "steps": self.steps, "alone": self.alone}
 
 
 class StepBundles:
@@ -65,6 +66,14 @@ class StepBundles:
             del self._sessions[key]
         if self.cohorts is not None:
             self.cohorts.forget(session)
+
+    def alone(self, session) -> bool:
+        """No other session of this client is open: nobody could join its bundle, so its step leaves
+        as a plain `step` at once (no round of the event loop spent waiting for company)."""
+        alone = len(self._sessions) == 1 and self._sessions.get(
+            (session.route[-1].peer_id, session.session_ids[-1])) is session
+        self.stats.alone += alone
+        return alone
 
     async def send(self, session, body: dict) -> None:
         """Queue a decode step for the session's first hop; the first session queued for that

@@ -277,8 +277,7 @@ async def test_every_family_batched_or_falls_back_exactly(tiny_model_factory, fa
 
 def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama):
     """8 generations at once from one client over 3 peer processes: each gets transformers' tokens,
-    the peers report forwards that carried several sessions (some with the sessions' KV still stacked
-    from the forward before), and the steps travelled bundled."""
+    the peers report forwards that carried several sessions, and the steps travelled bundled."""
     from molink.swarm import DistributedModelForCausalLM
     from molink.swarm.generation import merged_generation_config
     from molink.swarm.local_swarm import LocalSwarm
@@ -303,6 +302,7 @@ def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama
         assert info["batching"]["max_batch"] >= 4, info
         # how many steps meet in one forward depends on timing (2 shared cores): "more than one"
         assert info["batching"]["mean_decode_batch"] > 1.2, info
-    # and sessions that met again found their KV still stacked (peer/stacked_cache.py); which peer
-    # sees the same group twice in a row depends on timing (one peer saw none under suite load)
-    assert sum(info["batching"]["stacks_reused"] for info in infos) > 0, infos
+    # Whether the same group meets twice in a row at a peer (its KV then still stacked,
+    # peer/stacked_cache.py) depends on timing: under suite load no peer saw it in 1 of 3 full runs.
+    # Reuse itself is shown deterministically by tests/test_stacked_cache.py, and measured by
+    # bench_throughput.py's 'stacked' column.

@@ -5,6 +5,8 @@
 - The scheduler's inline-or-thread decision predicts a batched decode forward as flat in its rows
   up to BLOCKS_CURVE's free rows (what a decode forward costs on CPU), and a prompt chunk as growing with tokens;
   its one-row cost follows the forwards the peer runs, not only the throughput measured at start.
+- A lone session's cheap decode step runs in its submitter's task (no hand-off to the worker and
+  back); once another session is active, steps meet at the worker again, where they can batch.
 - tune_gc spaces young collections out, once, never lowering a larger threshold, and can be off.
 """
 
@@ -15,6 +17,7 @@ import gc
 import pytest
 import torch
 import trio
+import trio.testing
 
 from molink.dht.wire import encode_tensor
 from molink.peer import protocol as p
@@ -121,6 +124,36 @@ async def test_the_scheduler_runs_a_forward_inline_once_its_real_cost_is_known(t
     assert threads[0] != loop_thread  # the first guess: too slow for the loop
     assert threads[-1] == loop_thread  # what the forward really took: well under INLINE_COMPUTE_SECONDS
     assert scheduler.cost.predict(1, 2) < s.INLINE_COMPUTE_SECONDS
+
+
+async def test_a_lone_sessions_step_runs_in_its_own_task_and_others_meet_at_the_worker(tiny_llama, monkeypatch):
+    monkeypatch.setattr(s, "INLINE_COMPUTE_SECONDS", 0.05)  # a loaded test machine's forwards still count as cheap
+    span = SpanModel.load(tiny_llama, 0, 2)
+    scheduler = s.StepScheduler(BatchingConfig(window=0.0), throughput=1e6)  # known to be cheap from the start
+    ran_in = []
+    original = span.step
+
+    def step(*args, **kwargs):
+        ran_in.append(trio.lowlevel.current_task())
+        return original(*args, **kwargs)
+
+    span.step = step
+    lone, other, reference = span.new_session(), span.new_session(), span.new_session()
+    inputs = [torch.randn(1, 1, span.config.hidden_size) for _ in range(3)]
+    one = torch.ones(1, 1, dtype=torch.long)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await trio.testing.wait_all_tasks_blocked()  # the worker is parked, waiting for work
+        outputs = [await scheduler.submit(span, StepWork(lone, hidden, one)) for hidden in inputs[:2]]
+        assert ran_in == [trio.lowlevel.current_task()] * 2
+        # another session steps: from now on both are expected, so their steps go to the worker
+        await scheduler.submit(span, StepWork(other, inputs[0], one))
+        outputs.append(await scheduler.submit(span, StepWork(lone, inputs[2], one)))
+        assert trio.lowlevel.current_task() not in ran_in[2:]
+        nursery.cancel_scope.cancel()
+    expected = [original(reference, hidden, one) for hidden in inputs]
+    assert all(torch.equal(got, want) for got, want in zip(outputs, expected))  # same forward, same bits
+    assert scheduler.stats.decode_forwards == 4
 
 
 def test_tune_gc_raises_the_young_threshold_once_and_can_be_off(monkeypatch):

@@ -166,8 +166,11 @@ def assert_same_generation(model, reference, ids, mask, seed: int = 1234, min_ne
 def test_generation_matches_transformers(client, swarm, reference, relay, batch, options):
     model = client(relay)
     ids, mask = prompts(batch, seed=batch)
+    alone_before = model.step_bundles.stats.alone
     assert_same_generation(model, reference, ids, mask, max_new_tokens=NEW_TOKENS, **options)
     check_route(model, swarm)
+    if not relay:  # the client's only session: its decode steps left at once, not via a bundle round
+        assert model.step_bundles.stats.alone > alone_before
 
 
 def test_direct_channels_and_libp2p_streams_give_the_same_tokens(tiny_llama, swarm, reference, monkeypatch):
