@@ -116,6 +116,11 @@ class LocalSwarm:
             self._wait_ready(peer)
         return peer
 
+    def wait_ready(self, *peers: PeerProcess) -> None:
+        """Wait for peers started with add_peer(wait=False): they load side by side meanwhile."""
+        for peer in peers:
+            self._wait_ready(peer)
+
     def kill(self, peer: PeerProcess, sig: int = signal.SIGKILL) -> None:
         if peer.process.poll() is None:
             peer.process.send_signal(sig)

@@ -57,8 +57,9 @@ def test_faulty_peers_over_real_processes(tiny_llama):
         assert "FAULT INJECTION ON" in liar.log_file.read_text()
         swarm.kill(liar, signal.SIGTERM)  # withdraws: the next client does not even try it
 
-        dropper = swarm.add_peer((3, 6), name="dropper", extra_env={"MOLINK_FAULTS": "drop=1"})
-        honest = swarm.add_peer((3, 6), name="honest")
+        dropper = swarm.add_peer((3, 6), name="dropper", extra_env={"MOLINK_FAULTS": "drop=1"}, wait=False)
+        honest = swarm.add_peer((3, 6), name="honest", wait=False)
+        swarm.wait_ready(dropper, honest)
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:
             model.bans.avoid(peer_id_of(honest), 3.0)  # the first route must go through the dropper
             got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
