@@ -143,8 +143,10 @@ def test_a_peer_joining_fills_the_gap_of_the_only_replica(tiny_llama, reference)
 
 def test_restart_with_same_identity_on_new_port_is_used_at_once(tiny_llama, reference, tmp_path):
     key = str(tmp_path / "peer.key")
-    with LocalSwarm(tiny_llama, [(0, 3)]) as swarm:
-        restartable = swarm.add_peer((3, 6), extra_args=["--identity", key])
+    with LocalSwarm(tiny_llama, []) as swarm:  # the two peers load side by side
+        first = swarm.add_peer((0, 3), wait=False)
+        restartable = swarm.add_peer((3, 6), extra_args=["--identity", key], wait=False)
+        swarm.wait_ready(first, restartable)
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:
             ids, mask = prompt()
             model.generate(ids, attention_mask=mask, max_new_tokens=2)

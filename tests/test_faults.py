@@ -48,8 +48,10 @@ def test_faulty_peers_over_real_processes(tiny_llama):
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train(False)
     ids, mask = prompts(1, seed=4)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    with LocalSwarm(tiny_llama, [(0, 3)]) as swarm:
-        liar = swarm.add_peer((3, 6), name="liar", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"})
+    with LocalSwarm(tiny_llama, []) as swarm:  # the peers of each phase load side by side
+        first = swarm.add_peer((0, 3), wait=False)
+        liar = swarm.add_peer((3, 6), name="liar", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"}, wait=False)
+        swarm.wait_ready(first, liar)
         # spot checks off: this shows the fault is real (tests/test_spot_check.py shows them catch it)
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
             lied = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
