@@ -5,7 +5,8 @@ sleeps until its part arrives. A CPU with nothing to run enters an idle state, a
 not free: on the 2-core VMs here an idle vCPU halts, and the code that runs after the wake-up
 runs from cold caches. Measured (decode_step_tensors, 15 us back to back): 35 us after a
 0.2 ms sleep, 56 us after 1 ms, 232-255 us after 5 ms; with the CPUs kept polling, 66 us after
-5 ms. A tiny-model swarm of 3 peers decoded at 8.6 ms/token where it did 4.7 with them polling.
+5 ms. In a whole swarm the gain is smaller than this host's noise on loopback (tiny model, 3 peers,
+alternating rounds: 6.46 vs 6.64 ms/token) and ~6 ms of TTFT on the WAN bed (README).
 
 Linux's PM QoS interface is the standard way to ask for that: write a 32-bit bound in
 microseconds to /dev/cpu_dma_latency and keep the file open; the cpuidle governor then uses no

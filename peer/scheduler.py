@@ -222,19 +222,25 @@ class StepScheduler:
         instead: the worker is parked, nothing is queued, no other session is expected to step (so
         no batching window would open) and the forward is cheap enough for the event loop. That
         saves two task switches per hop (~0.1 ms of a tiny model's ~1 ms per hop on loopback)."""
-        if not (self._idle and not self._queue and len(self._active_decodes()) <= 1):
-            return False
-        predicted = self.cost.predict(item.work.rows, item.work.session.end - item.work.session.start)
-        return predicted is not None and predicted < INLINE_COMPUTE_SECONDS
+        return (self._idle and not self._queue and len(self._active_decodes()) <= 1
+                and self._runs_inline(item.work.rows, item.work.session.end - item.work.session.start))
 
     def _run_here(self, item: PendingStep) -> torch.Tensor:
         """What _execute does with a one-step job, synchronously (nothing else runs meanwhile)."""
-        job = self._decode_job([item])
-        _, seconds = timed(job.run)  # raises what the forward raised, as the worker would deliver it
-        self.cost.observe(job.tokens, _blocks(job), seconds)
-        if item.error is not None:
+        self._timed_run(self._decode_job([item]))  # raises what the forward raised, as the worker delivers it
+        if item.error is not None:  # the session was closed meanwhile
             raise item.error
         return item.result
+
+    def _runs_inline(self, tokens: int, blocks: int) -> bool:
+        """A forward predicted cheaper than a thread hand-off runs on the event loop."""
+        predicted = self.cost.predict(tokens, blocks)
+        return predicted is not None and predicted < INLINE_COMPUTE_SECONDS
+
+    def _timed_run(self, job: Job) -> None:
+        """Run a job here and teach the cost model what it took."""
+        _, seconds = timed(job.run)
+        self.cost.observe(job.tokens, _blocks(job), seconds)
 
     async def _gather(self) -> None:
         """Wait up to `window` for the decode steps of other active sessions (see module doc)."""
@@ -344,14 +350,12 @@ class StepScheduler:
 
     async def _execute(self, job: Job) -> None:
         """Run one job inline (tiny) or in a worker thread, then wake the steps it finished."""
-        blocks = _blocks(job)
-        predicted = self.cost.predict(job.tokens, blocks)
         try:
-            if predicted is not None and predicted < INLINE_COMPUTE_SECONDS:
-                _, seconds = timed(job.run)
+            if self._runs_inline(job.tokens, _blocks(job)):
+                self._timed_run(job)
             else:
                 _, seconds = await trio.to_thread.run_sync(timed, job.run)
-            self.cost.observe(job.tokens, blocks, seconds)
+                self.cost.observe(job.tokens, _blocks(job), seconds)
         except Exception as exc:  # noqa: BLE001 - delivered to the step(s) it belongs to
             for item in job.steps:
                 if item.result is None and item.error is None:

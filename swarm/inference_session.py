@@ -365,7 +365,7 @@ class RemoteSession:
                              mask: torch.Tensor, relay: bool, last: bool = False) -> tuple[torch.Tensor, Frame]:
         body = self._step_body(step, hidden, mask, relay, send_to, last)
         try:
-            if self.bundles is not None and not relay and hidden.shape[1] == 1 and not self.bundles.alone(self):
+            if self.bundles is not None and not relay and hidden.shape[1] == 1:
                 await self.bundles.send(self, body)  # a decode step: with the others ready now
             else:
                 await self.streams[send_to].send(Frame(p.STEP, step, body))

@@ -67,17 +67,17 @@ class StepBundles:
         if self.cohorts is not None:
             self.cohorts.forget(session)
 
-    def alone(self, session) -> bool:
-        """No other session of this client is open: nobody could join its bundle, so its step leaves
-        as a plain `step` at once (no round of the event loop spent waiting for company)."""
-        alone = len(self._sessions) == 1 and self._sessions.get(
+    def _only_session(self, session) -> bool:
+        return len(self._sessions) == 1 and self._sessions.get(
             (session.route[-1].peer_id, session.session_ids[-1])) is session
-        self.stats.alone += alone
-        return alone
 
     async def send(self, session, body: dict) -> None:
         """Queue a decode step for the session's first hop; the first session queued for that
         peer sends the bundle once every session woken with it has queued its own."""
+        if self._only_session(session):  # nobody could join: it leaves now, no event-loop round spent waiting
+            self.stats.alone += 1
+            await self._send([(session, body)], session.hidden_size)
+            return
         key = session.route[0].peer_id
         pending = self._pending.setdefault(key, [])
         pending.append((session, body))
