@@ -136,6 +136,10 @@ class SwarmDHT:
                  mode: DHTMode = DHTMode.SERVER, limits: DHTLimits | None = None) -> None:
         self.host = host
         self.identity = identity
+        # Peers the owner found unresponsive (a client's struck peers): never asked in lookups. A
+        # frozen peer still accepts TCP, so each RPC to it would wait out RPC_TIMEOUT, and a span
+        # lookup that meets it would outlast a recovering client's lookup deadline every time.
+        self.unresponsive: Callable[[ID], bool] = lambda peer_id: False
         # strict: keys outside registered namespaces are refused, so nobody can use our
         # servers as free storage under plain keys (libp2p's default accepts anything).
         self.dht = KadDHT(host, mode, strict_validation=True)
@@ -405,7 +409,7 @@ class SwarmDHT:
                 return closer or None  # nothing at all: an error or a useless peer
             return None
 
-        if pid != self.host.get_id():
+        if pid != self.host.get_id() and not self.unresponsive(pid):
             before = len(values)
             await ask(pid, DIRECT_TIMEOUT)
             if len(values) > before and _best(values[before:], expect) is not None:
@@ -428,7 +432,7 @@ class SwarmDHT:
         # libp2p servers put every peer that queries them into their routing table, DHT
         # clients included, and hand them out as "closer peers"; skip those identify told us
         # about, instead of paying a failed stream negotiation each time.
-        candidates = {p for p in candidates if p != me and self._may_be_dht_server(p)}
+        candidates = {p for p in candidates if p != me and self._may_ask(p)}
         queried: set[ID] = set()
         failed: set[ID] = set()
 
@@ -436,8 +440,7 @@ class SwarmDHT:
             with trio.move_on_after(RPC_TIMEOUT):
                 closer = await rpc(peer_id)
                 if closer is not None:
-                    candidates.update(p for p in closer if p != me and p not in failed
-                                      and self._may_be_dht_server(p))
+                    candidates.update(p for p in closer if p != me and p not in failed and self._may_ask(p))
                     return
             failed.add(peer_id)  # let the next closest take its place
             candidates.discard(peer_id)
@@ -451,6 +454,9 @@ class SwarmDHT:
             async with trio.open_nursery() as nursery:
                 for peer_id in batch:
                     nursery.start_soon(one, peer_id)
+
+    def _may_ask(self, peer_id: ID) -> bool:
+        return self._may_be_dht_server(peer_id) and not self.unresponsive(peer_id)
 
     def _may_be_dht_server(self, peer_id: ID) -> bool:
         try:

@@ -8,6 +8,9 @@ and a tensor's decoded size (shape x dtype) against `max_tensor_bytes` *before* 
 so a zstd bomb never gets the chance to allocate. No pickle, no torch.load: tensors are raw bytes
 reinterpreted with `torch.frombuffer`.
 
+torch is imported on the first tensor, not with this module: a bootstrap node frames messages but
+never carries a tensor, and starts in a second without torch's import (several under load).
+
 Codecs: "raw" and "zstd" are lossless; "q8" (opt-in, lossy, floating-point tensors only) carries
 int8 values plus one float32 scale per block of values (molink.dht.quantization) in two extra
 keys, "block" and "scales", and decodes to the tensor's original dtype.
@@ -15,16 +18,14 @@ keys, "block" and "scales", and decodes to the tensor's original dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import torch
 import zstandard
-
-from molink.dht.quantization import Q8_BLOCK, Q8_MAX_ABS, block_count, dequantize_blockwise, quantize_blockwise
 
 LENGTH_PREFIX = struct.Struct(">I")
 LENGTH_PREFIX_BYTES = LENGTH_PREFIX.size
@@ -39,19 +40,27 @@ Q8 = "q8"  # lossy 8-bit blockwise quantization, opt-in (see molink.dht.codec_po
 ALL_CODECS = (*CODECS, Q8)
 Q8_BLOCK_RANGE = (8, 4096)  # block sizes a decoder accepts; the encoder uses Q8_BLOCK
 
-# name on the wire -> (torch dtype, bytes per element)
-ALLOWED_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
-QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES_ON_WIRE = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+QUANTIZABLE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+@functools.cache
+def _dtype_tables() -> tuple[dict, dict, tuple]:
+    """(name on the wire -> torch dtype, torch dtype -> name, quantizable dtypes), built on first use."""
+    import torch
+
+    allowed = {name: getattr(torch, name) for name in DTYPE_NAMES_ON_WIRE}
+    return allowed, {dtype: name for name, dtype in allowed.items()}, tuple(allowed[n] for n in QUANTIZABLE_DTYPE_NAMES)
+
+
+def __getattr__(name: str):
+    """ALLOWED_DTYPES, DTYPE_NAMES and QUANTIZABLE_DTYPES, without importing torch before they are asked for."""
+    names = ("ALLOWED_DTYPES", "DTYPE_NAMES", "QUANTIZABLE_DTYPES")
+    if name in names:
+        return _dtype_tables()[names.index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TENSOR_KEYS = frozenset({"dtype", "shape", "codec", "data"})
 Q8_TENSOR_KEYS = TENSOR_KEYS | {"block", "scales"}
 
@@ -193,6 +202,8 @@ def decode_frame(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
         return b""
@@ -203,7 +214,7 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 def encode_tensor(
     tensor: torch.Tensor, codec: str = "zstd", level: int = DEFAULT_ZSTD_LEVEL
 ) -> dict[str, Any]:
-    name = DTYPE_NAMES.get(tensor.dtype)
+    name = _dtype_tables()[1].get(tensor.dtype)
     if name is None:
         raise DisallowedDtype(f"dtype {tensor.dtype} is not allowed on the wire")
     if codec == Q8:
@@ -217,7 +228,11 @@ def encode_tensor(
 
 
 def _encode_q8(tensor: torch.Tensor, name: str) -> dict[str, Any]:
-    if tensor.dtype not in QUANTIZABLE_DTYPES:
+    import torch
+
+    from molink.dht.quantization import Q8_BLOCK, quantize_blockwise
+
+    if tensor.dtype not in _dtype_tables()[2]:
         raise BadCodec(f"q8 quantizes floating-point tensors only, not {tensor.dtype}")
     if not bool(torch.isfinite(tensor).all()):
         raise BadCodec("q8 cannot carry NaN or inf: send such a tensor raw")
@@ -253,9 +268,11 @@ def _decompress_bounded(data: bytes, expected: int) -> bytes:
 def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
     if not isinstance(obj, dict) or set(obj) != (Q8_TENSOR_KEYS if obj.get("codec") == Q8 else TENSOR_KEYS):
         raise TensorError("tensor must be a map with keys dtype, shape, codec, data (q8: also block, scales)")
-    dtype = ALLOWED_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+    import torch
+
+    dtype = _dtype_tables()[0].get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
     if dtype is None:
-        raise DisallowedDtype(f"dtype {obj['dtype']!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+        raise DisallowedDtype(f"dtype {obj['dtype']!r} is not allowed; allowed: {sorted(DTYPE_NAMES_ON_WIRE)}")
     shape = _checked_shape(obj["shape"], limits)
     nbytes = decoded_nbytes(dtype, shape)
     if nbytes > limits.max_tensor_bytes:
@@ -283,7 +300,11 @@ def _decode_q8(obj: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
     """A q8 tensor, every field checked before anything is allocated from it. The caller has
     checked the decoded size (shape x dtype) against the limit; the float32 working copy is at
     most 2x that (fp16/bf16) plus one block."""
-    if dtype not in QUANTIZABLE_DTYPES:
+    import torch
+
+    from molink.dht.quantization import Q8_MAX_ABS, block_count, dequantize_blockwise
+
+    if dtype not in _dtype_tables()[2]:
         raise BadCodec(f"q8 carries floating-point tensors only, not {dtype}")
     block, data, scale_bytes = obj["block"], obj["data"], obj["scales"]
     if type(block) is not int or not Q8_BLOCK_RANGE[0] <= block <= Q8_BLOCK_RANGE[1]:

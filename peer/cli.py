@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-import torch
-
 
 def _add_identity(sub) -> None:
     p = sub.add_parser("identity", help="create (on first use) or show this peer's identity key and peer id",
@@ -65,7 +63,8 @@ def swarm_key_of(args):
     return load_swarm_key(args.swarm_key) if getattr(args, "swarm_key", None) else None
 
 
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# names only: torch is imported by the commands that load weights, not by bootstrap or identity
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -157,7 +156,7 @@ def _add_join(sub) -> None:
 
 
 def _add_session_limits(p) -> None:
-    from molink.peer.session_limits import SessionLimits
+    from molink.peer.session_limits_config import SessionLimits
 
     d = SessionLimits()
     p.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions, metavar="N",
@@ -171,7 +170,7 @@ def _add_session_limits(p) -> None:
 
 
 def _session_limits(args):
-    from molink.peer.session_limits import SessionLimits
+    from molink.peer.session_limits_config import SessionLimits
 
     return SessionLimits(max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
                          max_session_tokens=args.max_session_tokens, max_session_seconds=args.max_session_time)
@@ -192,7 +191,7 @@ def _identity(args):
 def run_bootstrap(args) -> int:
     import trio
 
-    from molink.peer.server import run_bootstrap_node
+    from molink.peer.bootstrap_node import run_bootstrap_node
 
     trio.run(run_bootstrap_node, _identity(args), args.listen or ["/ip4/127.0.0.1/tcp/0"], args.ready_file,
              args.initial_peers, swarm_key_of(args), _nat(args, "public"))
@@ -200,6 +199,7 @@ def run_bootstrap(args) -> int:
 
 
 def run_join(args) -> int:
+    import torch
     import trio
 
     from molink.peer.checkpoint import resolve_model_dir
@@ -214,7 +214,7 @@ def run_join(args) -> int:
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model), start=start, end=end, identity=_identity(args),
         initial_peers=args.initial_peers, listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
-        dtype=DTYPES[args.dtype], device=args.device, cache_tokens=args.cache_tokens,
+        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device, cache_tokens=args.cache_tokens,
         max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
         max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,

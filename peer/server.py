@@ -30,6 +30,7 @@ from molink.dht.nat import NatConfig, NatService
 from molink.dht.records import SpanRecord
 from molink.dht.streams import framed_handler
 from molink.peer import protocol as p
+from molink.peer.bootstrap_node import SIGNALS, write_ready_file
 from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
@@ -46,15 +47,6 @@ ANNOUNCE_INTERVAL = 30.0
 RECORD_TTL = 120.0
 STATUS_INTERVAL = 60.0
 LEAVE_GRACE = 3.0
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def write_ready_file(path: str | Path, content: str) -> None:
-    """Atomically: a reader sees nothing or the whole address, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(content + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -259,27 +251,3 @@ class PeerServer:
                         stats.errors)
             if self.nat is not None:
                 logger.info("status: %s", self.nat.describe())
-
-
-async def run_bootstrap_node(identity: Identity, listen: list[str], ready_file: str | None,
-                             initial_peers: list[str] = (), swarm_key: SwarmKey | None = None,
-                             nat: NatConfig | None = None) -> None:
-    """A DHT-only node: the swarm's meeting point. Serves no blocks; relays for NATed peers (it is
-    public by default: everyone dials it) and helps them find out whether they are reachable."""
-    async with running_host(identity.keypair, listen, swarm_key=swarm_key) as host:
-        dht = SwarmDHT(host, identity)
-        async with dht.running():
-            if initial_peers:
-                await dht.bootstrap(list(initial_peers))
-            nat_service = NatService(host, list(initial_peers), nat or NatConfig(mode="public"))
-            async with trio.open_nursery() as nursery:
-                await nursery.start(nat_service.run)
-                full_addr = str(p2p_addrs(host)[0])
-                logger.info("bootstrap node %s ready at %s", host.get_id().to_base58(), full_addr)
-                if ready_file:
-                    write_ready_file(ready_file, full_addr)
-                with trio.open_signal_receiver(*SIGNALS) as signals:
-                    async for signum in signals:
-                        logger.info("got %s: stopping", signal.Signals(signum).name)
-                        break
-                nursery.cancel_scope.cancel()

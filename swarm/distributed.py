@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 import trio
 from libp2p.kad_dht.kad_dht import DHTMode
+from libp2p.peer.id import ID
 
 from molink.crypto.identity import Identity, load_or_create_identity
 from molink.crypto.swarm_key import SwarmKey, swarm_key_from
 from molink.dht.codec_policy import DEFAULT_COMPRESSION, check_compression
 from molink.dht.holepunch import data_paths
-from molink.dht.host import running_host
+from molink.dht.host import ConnectError, connect_peer, running_host, with_peer_id
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import SpanRecord
 from molink.peer.checkpoint import resolve_model_dir
 from molink.peer.model_key import model_key_for
-from molink.swarm.inference_session import InferenceError, RemoteSession
+from molink.swarm.inference_session import CONNECT_TIMEOUT, InferenceError, RemoteSession
 from molink.swarm.loop import BackgroundLoop
 from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
@@ -122,6 +123,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
         async with running_host(self.identity.keypair, ["/ip4/127.0.0.1/tcp/0"], swarm_key=self.swarm_key) as host:
             # client mode: a researcher's laptop (often behind NAT) must not become a DHT server
             dht = SwarmDHT(host, self.identity, mode=DHTMode.CLIENT)
+            dht.unresponsive = lambda peer_id: peer_id.to_base58() in self.bans.struck()
             async with dht.running():
                 joined = await dht.bootstrap(self.initial_peers, timeout=BOOTSTRAP_TIMEOUT)
                 if joined == 0:
@@ -172,6 +174,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
                     return session
                 except InferenceError as exc:
                     logger.info("spot check: verifier %s unavailable: %s", record.peer_id, exc)
+                    if exc.unreachable:  # a dead peer's record: not again until it re-announces
+                        self._unreachable[record.peer_id] = record.seq
             if attempt == 0 and (urgent or time.monotonic() - self._records_at > VERIFIER_LOOKUP_AFTER):
                 with trio.move_on_after(LOOKUP_TIMEOUT):
                     await self._refresh_records()
@@ -219,13 +223,13 @@ class DistributedModelForCausalLM(SwarmModelBase):
             # of the DHT's contacts and cost a 5 s RPC timeout): the records refreshed in the
             # background, minus the banned peers, usually suffice.
             try:
-                route = self._plan(self._records, batch_size, max_length, banned)
+                route = await self._reachable_route(batch_size, max_length, banned)
             except NoRouteError:
                 route = None
         if route is None:
             with trio.move_on_after(LOOKUP_TIMEOUT):  # the failover loop retries; never hang here
                 await self._refresh_records()
-            route = self._plan(self._records, batch_size, max_length, banned)
+            route = await self._reachable_route(batch_size, max_length, banned)
         self.last_route = route
         session = RemoteSession(self.host, route, self.model_key, batch_size, max_length,
                                 self.config.hidden_size, relay=self.relay, on_closed=self._session_closed,
@@ -270,6 +274,41 @@ class DistributedModelForCausalLM(SwarmModelBase):
                     await self._refresh_records()
                 except Exception as exc:  # a flaky lookup must not kill the client
                     logger.info("span lookup failed: %s", exc)
+
+    async def _reachable_route(self, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
+        """The cheapest route whose peers all take a connection: plan, dial the route's peers we
+        are not connected to (all at once), skip the records of those that refuse, plan again.
+
+        A killed peer's record stays in the DHT until it expires (minutes): planned one session
+        open at a time, each dead record cost a failed open plus a DHT lookup (seconds, slower
+        still when dead peers are among the DHT's contacts) before the next candidate was tried.
+        Each round here marks at least one record, so it ends with a route or NoRouteError."""
+        while True:
+            route = self._plan(self._records, batch_size, max_length, banned)
+            refused = await self._dial_new_hops(route)
+            if not refused:
+                return route
+            for hop in refused:
+                logger.info("peer %s does not take connections at %s: routing around it until it re-announces",
+                            hop.peer_id, ", ".join(hop.record.addrs[:2]))
+                self._unreachable[hop.peer_id] = hop.record.seq
+
+    async def _dial_new_hops(self, route: list[RouteHop]) -> list[RouteHop]:
+        """Connect to the route's peers we have no connection to, side by side; return those that failed."""
+        network = self.host.get_network()
+        new = [hop for hop in route if not network.get_connections(ID.from_base58(hop.peer_id))]
+        refused: list[RouteHop] = []
+
+        async def dial(hop: RouteHop) -> None:
+            try:
+                await connect_peer(self.host, with_peer_id(hop.record.addrs, hop.peer_id), timeout=CONNECT_TIMEOUT)
+            except ConnectError:
+                refused.append(hop)
+
+        async with trio.open_nursery() as nursery:
+            for hop in {hop.peer_id: hop for hop in new}.values():
+                nursery.start_soon(dial, hop)
+        return [hop for hop in route if hop in refused]
 
     def _plan(self, records, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
         records = [r for r in records if self._unreachable.get(r.peer_id) != r.seq]

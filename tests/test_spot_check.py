@@ -91,9 +91,10 @@ def test_liars_are_banned_for_long_and_never_forgiven():
 def swarm(tiny_llama):
     """Blocks [0, 3) on one peer; [3, 6) on two honest peers and two liars (100 % and 5 %)."""
     with LocalSwarm(tiny_llama, [(0, 3), (3, 6), (3, 6)]) as swarm:
-        swarm.add_peer((3, 6), name="liar100", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"})
-        # seed 3 corrupts only the 7th step it serves: caught by the audit after step 8
-        swarm.add_peer((3, 6), name="liar5", extra_env={"MOLINK_FAULTS": "corrupt=0.05,seed=3"})
+        liars = [swarm.add_peer((3, 6), name="liar100", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"}, wait=False),
+                 # seed 3 corrupts only the 7th step it serves: caught by the audit after step 8
+                 swarm.add_peer((3, 6), name="liar5", extra_env={"MOLINK_FAULTS": "corrupt=0.05,seed=3"}, wait=False)]
+        swarm.wait_ready(*liars)  # the two load side by side
         yield swarm
 
 
