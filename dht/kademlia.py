@@ -84,6 +84,7 @@ DIRECT_TIMEOUT = 2.0
 LOOKUP_CONCURRENCY = 16  # candidates fetched at once in find_spans
 MAX_CANDIDATES = 512  # bound the work a flood of provider records can cause
 IDENTIFY_TIMEOUT = 5.0
+SECOND_ANNOUNCE_AFTER = 2.0  # seconds after a peer's first announce (see run_announcer)
 
 __all__ = [
     "NAMESPACE", "PROVIDER_SHARDS", "SpanRecordValidator", "SwarmDHT", "check_value_key",
@@ -328,11 +329,14 @@ class SwarmDHT:
                 except Exception:
                     logger.warning("span announce failed; retrying in %.0f s", interval,
                                    exc_info=True)
+                delay = interval * random.uniform(0.9, 1.1)  # jitter: peers started together drift apart
                 if not started:
                     started = True
                     task_status.started()
-                # Jitter so that peers started together do not announce in lockstep.
-                await trio.sleep(interval * random.uniform(0.9, 1.1))
+                    # The first announce reached the peers known at that moment; peers joining
+                    # together know few of each other yet: announce again once they have met.
+                    delay = min(delay, SECOND_ANNOUNCE_AFTER)
+                await trio.sleep(delay)
         finally:
             if withdraw_on_exit and announced is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(RPC_TIMEOUT):

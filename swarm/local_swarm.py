@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from molink.swarm.peer_forks import PeerForkServer, fork_peers_enabled
+
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 
@@ -27,7 +29,7 @@ class SwarmStartError(RuntimeError):
 @dataclass
 class PeerProcess:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen  # or a ForkedPeer (swarm/peer_forks.py): the same calls
     ready_file: Path
     log_file: Path
     blocks: tuple[int, int] | None = None
@@ -71,9 +73,11 @@ class LocalSwarm:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1",
                **self.env, **(extra_env or {})}
         key_args = ["--swarm-key", self.swarm_key] if self.swarm_key else []
+        argv = [*args, *key_args, "--ready-file", str(ready)]
+        if fork_peers_enabled():  # the test suite: forked from a process that has imported everything
+            return PeerProcess(name, PeerForkServer.shared().spawn(argv, env, str(log)), ready, log, blocks)
         with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "molink.peer.cli", *args, *key_args,
-                                        "--ready-file", str(ready)],
+            process = subprocess.Popen([sys.executable, "-m", "molink.peer.cli", *argv],
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return PeerProcess(name, process, ready, log, blocks)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# LocalSwarm forks its peers from a process that has imported torch, transformers and libp2p once
+# (swarm/peer_forks.py): real peer processes, started in ~0.3 s instead of ~5 s of imports each.
+# tests/test_cli.py still starts `molink-peer` the plain way.
+os.environ.setdefault("MOLINK_FORK_PEERS", "1")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_tiny_model import make_tiny_model  # noqa: E402

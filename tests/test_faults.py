@@ -48,20 +48,22 @@ def test_faulty_peers_over_real_processes(tiny_llama):
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train(False)
     ids, mask = prompts(1, seed=4)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    with LocalSwarm(tiny_llama, []) as swarm:  # the peers of each phase load side by side
+    with LocalSwarm(tiny_llama, []) as swarm:  # all four load side by side
         first = swarm.add_peer((0, 3), wait=False)
         liar = swarm.add_peer((3, 6), name="liar", extra_env={"MOLINK_FAULTS": "corrupt=1,seed=1"}, wait=False)
-        swarm.wait_ready(first, liar)
+        dropper = swarm.add_peer((3, 6), name="dropper", extra_env={"MOLINK_FAULTS": "drop=1"}, wait=False)
+        honest = swarm.add_peer((3, 6), name="honest", wait=False)
+        swarm.wait_ready(first, liar, dropper, honest)
         # spot checks off: this shows the fault is real (tests/test_spot_check.py shows them catch it)
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers, spot_check=0) as model:
+            for other in (dropper, honest):
+                model.bans.avoid(peer_id_of(other), 60.0)  # the route must go through the liar
             lied = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+            assert model.last_route[1].peer_id == peer_id_of(liar)
         assert not torch.equal(lied, expected)
         assert "FAULT INJECTION ON" in liar.log_file.read_text()
         swarm.kill(liar, signal.SIGTERM)  # withdraws: the next client does not even try it
 
-        dropper = swarm.add_peer((3, 6), name="dropper", extra_env={"MOLINK_FAULTS": "drop=1"}, wait=False)
-        honest = swarm.add_peer((3, 6), name="honest", wait=False)
-        swarm.wait_ready(dropper, honest)
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:
             model.bans.avoid(peer_id_of(honest), 3.0)  # the first route must go through the dropper
             got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
