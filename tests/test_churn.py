@@ -140,7 +140,6 @@ def test_graceful_leave_mid_generation(replicated, reference):
     swarm.add_peer(victim.blocks)
 
 
-@pytest.mark.slow  # (21 s) the default suite's kill cases also show replacements filling a killed last replica's gap
 def test_a_peer_joining_fills_the_gap_of_the_only_replica(tiny_llama, reference):
     with LocalSwarm(tiny_llama, SPANS) as swarm:
         with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers) as model:

@@ -1,12 +1,12 @@
 """Every supported family served by two real peer processes at an uneven split, checked against
 transformers' `generate` (greedy, batch 2 with left padding, a prompt longer than the sliding windows).
 
-The default suite runs the two families with the most mechanisms of their own (starting processes
-is what costs time here, ~15 s a family): Gemma2 (final logit soft-capping, alternating
-sliding/global layers, scaled embeddings, eager attention) and Mixtral (MoE blocks converted from
-per-expert tensors, sliding window). Every family, GPT-2's learned positions and BLOOM's ALiBi
-included, is checked against transformers in process by tests/test_families.py in the default
-suite; over real peers all of them: `pytest -m slow tests/test_families_swarm.py`.
+The default suite runs the four families with the most mechanisms of their own over real peers:
+Gemma2 (final logit soft-capping, alternating sliding/global layers, scaled embeddings, eager
+attention), Mixtral (MoE blocks converted from per-expert tensors, sliding window), GPT-2 (learned
+positions, Conv1D weights) and BLOOM (ALiBi). Every family is checked against transformers in process
+by tests/test_families.py in the default suite; over real peers all of them:
+`pytest -m slow tests/test_families_swarm.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from test_families import CASES, prompts, tiny_model_dir
 
 SPANS = [(0, 2), (2, 6)]
 NEW_TOKENS = 32
-DEFAULT_SUITE = {"gemma2", "mixtral"}
+DEFAULT_SUITE = {"gemma2", "mixtral", "gpt2", "bloom"}
 
 
 @pytest.mark.parametrize("case", [
