@@ -35,7 +35,7 @@ from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, Session
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
-from molink.peer.step_bundles import Outgoing, run_bundle
+from molink.peer.step_bundles import Outgoing, run_bundle, send_taps
 
 logger = logging.getLogger(__name__)
 
@@ -359,16 +359,19 @@ class InferenceHandler:
                                                      "hidden": tensor, "mask": frame.body["mask"]})
             if last_only:
                 reply.body["last"] = True
+        # audited and pushing on: the client gets a copy (a tap), after the push, off the route's path
+        tap = Frame(p.TAP, frame.request_id, answer) if session.tap and target is session.push_stream else None
+        outgoing = Outgoing(session, frame.request_id, step, target, reply, tap)
+        if outbox is not None:
+            outbox.append(outgoing)
+            return
         try:
-            if session.tap and target is session.push_stream:
-                await session.client_stream.send(Frame(p.TAP, frame.request_id, answer))
-            if outbox is not None:
-                outbox.append(Outgoing(session, frame.request_id, step, target, reply))
-                return
             await target.send(reply)
         except STREAM_ERRORS as exc:
             code = p.NEXT_HOP_UNREACHABLE if target is session.push_stream else p.INTERNAL
             await self._send_error(session.client_stream, frame.request_id, code, f"forwarding failed: {exc}", step)
+            return
+        await send_taps(self, [outgoing])
 
     async def _compute(self, session: ActiveSession, hidden, mask):
         if self.scheduler is not None:

@@ -39,6 +39,7 @@ class Outgoing:
     step: int
     target: Any  # the FramedStream it would have gone on alone
     frame: Frame  # what it would have sent alone: push to the next hop, or result to the client
+    tap: Frame | None = None  # spot checks' copy for the client: sent after the bundle, off its path
 
 
 async def run_bundle(handler, frame: Frame, client: str | None = None) -> None:
@@ -107,6 +108,20 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
             for out in group:
                 await handler._send_error(out.session.client_stream, out.request_id, code,
                                           f"forwarding failed: {exc}", out.step)
+            continue
+        await send_taps(handler, group)
+
+
+async def send_taps(handler, outbox: list[Outgoing]) -> None:
+    """The spot-check taps of outputs that have left (a tap trails its push: the client waits for
+    it up to TAP_TIMEOUT, the next hop must not wait for it at all)."""
+    for out in outbox:
+        if out.tap is not None:
+            try:
+                await out.session.client_stream.send(out.tap)
+            except STREAM_ERRORS as exc:
+                await handler._send_error(out.session.client_stream, out.request_id, p.INTERNAL,
+                                          f"tap failed: {exc}", out.step)
 
 
 def _parts(group: list[Outgoing]) -> list[list[Outgoing]]:
