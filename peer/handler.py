@@ -349,9 +349,9 @@ class InferenceHandler:
         tensor = await encode_hidden_async(out, session.compression, session.client_stream
                                            if answers_client else session.push_stream)
         answer = {"step": step, "hidden": tensor}
-        if session.tap:  # audited: say what input this output came from (spot checks, protocol.py)
-            answer["in_digest"] = p.tensor_digest(hidden)
         if answers_client:
+            if session.tap:  # audited: say what input this output came from (spot checks, protocol.py)
+                answer["in_digest"] = p.tensor_digest(hidden)
             target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, answer)
         else:
             target = session.push_stream
@@ -359,9 +359,10 @@ class InferenceHandler:
                                                      "hidden": tensor, "mask": frame.body["mask"]})
             if last_only:
                 reply.body["last"] = True
-        # audited and pushing on: the client gets a copy (a tap), after the push, off the route's path
+        # audited and pushing on: the client gets a copy (a tap) with its input's digest, both made
+        # after the push has left, off the route's path
         tap = Frame(p.TAP, frame.request_id, answer) if session.tap and target is session.push_stream else None
-        outgoing = Outgoing(session, frame.request_id, step, target, reply, tap)
+        outgoing = Outgoing(session, frame.request_id, step, target, reply, tap, hidden if tap else None)
         if outbox is not None:
             outbox.append(outgoing)
             return

@@ -40,6 +40,7 @@ class Outgoing:
     target: Any  # the FramedStream it would have gone on alone
     frame: Frame  # what it would have sent alone: push to the next hop, or result to the client
     tap: Frame | None = None  # spot checks' copy for the client: sent after the bundle, off its path
+    tap_input: Any = None  # the step's input: the tap names its digest (computed when the tap leaves)
 
 
 async def run_bundle(handler, frame: Frame, client: str | None = None) -> None:
@@ -117,6 +118,8 @@ async def send_taps(handler, outbox: list[Outgoing]) -> None:
     it up to TAP_TIMEOUT, the next hop must not wait for it at all)."""
     for out in outbox:
         if out.tap is not None:
+            if out.tap_input is not None:
+                out.tap.body["in_digest"] = p.tensor_digest(out.tap_input)
             try:
                 await out.session.client_stream.send(out.tap)
             except STREAM_ERRORS as exc:
