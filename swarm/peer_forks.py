@@ -10,7 +10,9 @@ its arguments, exactly what `python -m molink.peer.cli ...` runs after its impor
 The server is the children's parent: it reaps them and reports each exit code on its stdout, so
 `ForkedPeer` offers the part of `subprocess.Popen` that LocalSwarm uses (pid, poll, wait,
 send_signal, terminate, kill, returncode). Opt-in with MOLINK_FORK_PEERS=1 (the test suite sets it);
-the demo and the benchmarks start peers the plain way.
+the demo and the benchmarks start peers the plain way. What a fork shares with its siblings: the
+module state the imports left (the child reseeds `random`) and the interpreter's str hash seed, fine
+for tests, one more reason volunteers start peers the plain way.
 """
 
 from __future__ import annotations
