@@ -25,9 +25,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 FORK_PEERS_ENV = "MOLINK_FORK_PEERS"
 REAP_INTERVAL = 0.05  # seconds between the server's waitpid sweeps when no request comes
+ORPHAN_EXIT_CODE = -255  # a peer that outlived the fork server: gone, with its exit code unknown
 
 
 def fork_peers_enabled() -> bool:
@@ -116,12 +118,33 @@ class PeerForkServer:
 
     def exit_code(self, pid: int) -> int | None:
         with self._changed:
-            return self._exits.get(pid)
+            if pid in self._exits or self._reader.is_alive():
+                return self._exits.get(pid)
+        return _orphan_exit_code(pid)
 
     def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             self._changed.wait_for(lambda: pid in self._exits or not self._reader.is_alive(), timeout)
-            return self._exits.get(pid)
+            if pid in self._exits or self._reader.is_alive():
+                return self._exits.get(pid)
+        while (code := _orphan_exit_code(pid)) is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        return code
+
+
+def _orphan_exit_code(pid: int) -> int | None:
+    """The server died before its child: init reaps the child now, and its exit code is lost."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie nobody reaps (a PID 1 that does not) is gone too
+            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return ORPHAN_EXIT_CODE
+    except (ProcessLookupError, FileNotFoundError):
+        return ORPHAN_EXIT_CODE
+    except (PermissionError, OSError, IndexError):
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------- the server process

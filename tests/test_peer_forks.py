@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from molink.swarm.peer_forks import PeerForkServer
+from molink.swarm.peer_forks import ORPHAN_EXIT_CODE, PeerForkServer
 
 
 def spawn(tmp_path, name: str, argv: list[str], **env):
@@ -45,3 +45,18 @@ def test_a_forked_bootstrap_is_a_live_process_until_signalled(tmp_path):
     again.send_signal(signal.SIGKILL)
     assert again.wait(15) == -signal.SIGKILL
     assert again.poll() == -signal.SIGKILL
+
+
+def test_peers_outlive_a_dead_fork_server_and_can_still_be_stopped(tmp_path):
+    server = PeerForkServer()  # a private one: this test kills it
+    ready = tmp_path / "bootstrap.addr"
+    process = server.spawn(["bootstrap", "--ready-file", str(ready)], dict(os.environ), str(tmp_path / "b.log"))
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.process.kill()
+    server.process.wait(10)
+    assert process.poll() is None  # the peer lives on, an orphan
+    process.kill()
+    assert process.wait(15) == ORPHAN_EXIT_CODE  # gone; its exit code went with the server
