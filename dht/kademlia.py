@@ -85,6 +85,7 @@ LOOKUP_CONCURRENCY = 16  # candidates fetched at once in find_spans
 MAX_CANDIDATES = 512  # bound the work a flood of provider records can cause
 IDENTIFY_TIMEOUT = 5.0
 SECOND_ANNOUNCE_AFTER = 2.0  # seconds after a peer's first announce (see run_announcer)
+SILENT_FOR = 30.0  # seconds a peer that let an RPC time out is left out of lookups
 
 __all__ = [
     "NAMESPACE", "PROVIDER_SHARDS", "SpanRecordValidator", "SwarmDHT", "check_value_key",
@@ -141,6 +142,9 @@ class SwarmDHT:
         # frozen peer still accepts TCP, so each RPC to it would wait out RPC_TIMEOUT, and a span
         # lookup that meets it would outlast a recovering client's lookup deadline every time.
         self.unresponsive: Callable[[ID], bool] = lambda peer_id: False
+        # Peers that let one of our RPCs time out (frozen: TCP up, nothing answers), when: skipped by
+        # lookups for SILENT_FOR s, so each costs one timeout per period, not one per lookup.
+        self._silent: dict[ID, float] = {}
         # strict: keys outside registered namespaces are refused, so nobody can use our
         # servers as free storage under plain keys (libp2p's default accepts anything).
         self.dht = KadDHT(host, mode, strict_validation=True)
@@ -403,7 +407,7 @@ class SwarmDHT:
         values: list[bytes] = [local.value] if local is not None else []
 
         async def ask(remote: ID, timeout: float = RPC_TIMEOUT) -> list[ID] | None:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as scope:
                 # Private in 0.8.1 (pinned): one GET_VALUE RPC; any error gives (None, []).
                 record, closer = await self.dht.value_store._get_from_peer(
                     remote, key, return_record=True, return_closer_peers=True)
@@ -411,9 +415,11 @@ class SwarmDHT:
                     values.append(record.value)
                     return closer
                 return closer or None  # nothing at all: an error or a useless peer
+            if scope.cancelled_caught:
+                self._went_silent(remote)
             return None
 
-        if pid != self.host.get_id() and not self.unresponsive(pid):
+        if pid != self.host.get_id() and not self._avoided(pid):
             before = len(values)
             await ask(pid, DIRECT_TIMEOUT)
             if len(values) > before and _best(values[before:], expect) is not None:
@@ -441,11 +447,13 @@ class SwarmDHT:
         failed: set[ID] = set()
 
         async def one(peer_id: ID) -> None:
-            with trio.move_on_after(RPC_TIMEOUT):
+            with trio.move_on_after(RPC_TIMEOUT) as scope:
                 closer = await rpc(peer_id)
                 if closer is not None:
                     candidates.update(p for p in closer if p != me and p not in failed and self._may_ask(p))
                     return
+            if scope.cancelled_caught:
+                self._went_silent(peer_id)
             failed.add(peer_id)  # let the next closest take its place
             candidates.discard(peer_id)
 
@@ -460,7 +468,17 @@ class SwarmDHT:
                     nursery.start_soon(one, peer_id)
 
     def _may_ask(self, peer_id: ID) -> bool:
-        return self._may_be_dht_server(peer_id) and not self.unresponsive(peer_id)
+        return self._may_be_dht_server(peer_id) and not self._avoided(peer_id)
+
+    def _avoided(self, peer_id: ID) -> bool:
+        silent_at = self._silent.get(peer_id)
+        return self.unresponsive(peer_id) or (silent_at is not None and trio.current_time() - silent_at < SILENT_FOR)
+
+    def _went_silent(self, peer_id: ID) -> None:
+        now = trio.current_time()
+        if len(self._silent) >= 1024:  # bounded: forget the periods that are over
+            self._silent = {p: t for p, t in self._silent.items() if now - t < SILENT_FOR}
+        self._silent[peer_id] = now
 
     def _may_be_dht_server(self, peer_id: ID) -> bool:
         try:

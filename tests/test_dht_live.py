@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass, field, replace
 
 import msgpack
@@ -335,3 +336,34 @@ async def test_announce_reaches_the_live_peers_closest_to_its_key_when_dead_ones
                 holders = {info.peer_id for info in node.dht.dht.provider_store.get_providers(key)}
                 assert newcomer.identity.peer_id in holders, f"{node.peer_id} does not list the newcomer"
             assert newcomer.peer_id in spans_by_peer(await client.dht.find_spans(MODEL))
+
+
+async def test_a_frozen_contact_costs_one_rpc_timeout_not_one_per_lookup() -> None:
+    """A frozen peer accepts TCP and never answers: each RPC to it waits out RPC_TIMEOUT. A node
+    leaves such a contact out of its lookups for SILENT_FOR seconds after the first timeout, so
+    the next lookups neither dial it nor wait for it (and still find every live peer)."""
+    accepted = 0
+
+    async def hold(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await trio.sleep_forever()  # never a byte back: the handshake hangs
+
+    with trio.fail_after(TEST_DEADLINE * 2):
+        async with swarm() as (_boot, peers, client, _), trio.open_nursery() as tarpit:
+            [listener] = await tarpit.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+            frozen = Multiaddr(f"/ip4/127.0.0.1/tcp/{listener.socket.getsockname()[1]}")
+            for i, peer in enumerate(peers):
+                await peer.dht.announce(peer.record(4 * i, 4 * i + 4))
+            expected = {p.peer_id: (4 * i, 4 * i + 4) for i, p in enumerate(peers)}
+            ghost = Identity.generate().peer_id
+            client.dht.host.get_peerstore().add_addrs(ghost, [frozen], 3600)
+            assert await client.dht.dht.routing_table.add_peer(PeerInfo(ghost, [frozen]),
+                                                               skip_server_mode_check=True)
+            assert spans_by_peer(await client.dht.find_spans(MODEL)) == expected
+            assert accepted >= 1, "the first lookup dialled the frozen contact"
+            before = accepted
+            for _ in range(2):
+                assert spans_by_peer(await client.dht.find_spans(MODEL)) == expected
+            assert accepted == before, "later lookups must leave the frozen contact out"
+            tarpit.cancel_scope.cancel()
