@@ -34,7 +34,6 @@ from contextlib import asynccontextmanager
 
 import trio
 from libp2p.abc import IHost
-from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
@@ -43,6 +42,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from molink.crypto.identity import Identity
+from molink.dht.closest_peers import RPC_TIMEOUT, ClosestPeers
 from molink.dht.dht_limits import DHTLimits, KadRequestGuard
 from molink.dht.records import (
     DEFAULT_TTL,
@@ -76,8 +76,6 @@ PROVIDER_QUERY_PEERS = 4  # closest peers asked per shard (ADD_PROVIDER went to 
 # closest peers that ANSWER which also get our ADD_PROVIDER (announce): at least the ones clients ask
 PROVIDE_LIVE_PEERS = 2 * PROVIDER_QUERY_PEERS
 VALUE_QUERY_PEERS = 4  # closest replicas asked for a value when its peer did not answer
-MAX_LOOKUP_ROUNDS = 6
-RPC_TIMEOUT = 5.0  # per single DHT RPC; libp2p's own QUERY_TIMEOUT is 10 s
 # Asking a candidate for its own record includes dialling it; a dead one (its provider entries
 # linger 48 h) must not stall the listing, and its DHT copy expires soon anyway.
 DIRECT_TIMEOUT = 2.0
@@ -85,7 +83,6 @@ LOOKUP_CONCURRENCY = 16  # candidates fetched at once in find_spans
 MAX_CANDIDATES = 512  # bound the work a flood of provider records can cause
 IDENTIFY_TIMEOUT = 5.0
 SECOND_ANNOUNCE_AFTER = 2.0  # seconds after a peer's first announce (see run_announcer)
-SILENT_FOR = 30.0  # seconds a peer that let an RPC time out is left out of lookups
 
 __all__ = [
     "NAMESPACE", "PROVIDER_SHARDS", "SpanRecordValidator", "SwarmDHT", "check_value_key",
@@ -142,12 +139,10 @@ class SwarmDHT:
         # frozen peer still accepts TCP, so each RPC to it would wait out RPC_TIMEOUT, and a span
         # lookup that meets it would outlast a recovering client's lookup deadline every time.
         self.unresponsive: Callable[[ID], bool] = lambda peer_id: False
-        # Peers that let one of our RPCs time out (frozen: TCP up, nothing answers), when: skipped by
-        # lookups for SILENT_FOR s, so each costs one timeout per period, not one per lookup.
-        self._silent: dict[ID, float] = {}
-        # strict: keys outside registered namespaces are refused, so nobody can use our
-        # servers as free storage under plain keys (libp2p's default accepts anything).
         self.dht = KadDHT(host, mode, strict_validation=True)
+        self.lookups = ClosestPeers(host, self.dht, lambda peer_id: self.unresponsive(peer_id))
+        # strict (above): keys outside registered namespaces are refused, so nobody can use our
+        # servers as free storage under plain keys (libp2p's default accepts anything).
         self.dht.register_validator(NAMESPACE, SpanRecordValidator())
         # rate limits and record quotas in front of libp2p's KAD server (dht_limits.py)
         self.guard = KadRequestGuard(self.dht, limits) if mode == DHTMode.SERVER else None
@@ -257,7 +252,7 @@ class SwarmDHT:
             answered.append(peer_id)
             return closer
 
-        await self._query_closest(key, probe, PROVIDE_LIVE_PEERS)
+        await self.lookups.query(key, probe, PROVIDE_LIVE_PEERS)
 
         async def add(peer_id: ID) -> None:
             with trio.move_on_after(RPC_TIMEOUT):
@@ -385,7 +380,7 @@ class SwarmDHT:
             key = provider_key(model_key, index)
             for info in self.dht.provider_store.get_providers(key):
                 seen.setdefault(info.peer_id, None)
-            await self._query_closest(key, lambda peer_id: ask(peer_id, key),
+            await self.lookups.query(key, lambda peer_id: ask(peer_id, key),
                                       PROVIDER_QUERY_PEERS)
 
         async with trio.open_nursery() as nursery:
@@ -416,77 +411,16 @@ class SwarmDHT:
                     return closer
                 return closer or None  # nothing at all: an error or a useless peer
             if scope.cancelled_caught:
-                self._went_silent(remote)
+                self.lookups.went_silent(remote)
             return None
 
-        if pid != self.host.get_id() and not self._avoided(pid):
+        if pid != self.host.get_id() and not self.lookups.avoided(pid):
             before = len(values)
             await ask(pid, DIRECT_TIMEOUT)
             if len(values) > before and _best(values[before:], expect) is not None:
                 return _best(values, expect)
-        await self._query_closest(key, ask, VALUE_QUERY_PEERS)
+        await self.lookups.query(key, ask, VALUE_QUERY_PEERS)
         return _best(values, expect)
-
-    async def _query_closest(self, key: bytes, rpc: Callable[[ID], Awaitable[list[ID] | None]],
-                             count: int) -> None:
-        """Run `rpc` on the `count` peers closest to `key` that answer (iterative lookup).
-
-        `rpc` returns the closer peers a peer told us about, or None if it failed. This is a
-        plain Kademlia lookup folded into the GET RPC itself (its answers carry closer peers),
-        about a third of the RPCs of find_closest_peers_network followed by the GETs.
-        """
-        me = self.host.get_id()
-        candidates = set(self.dht.routing_table.find_local_closest_peers(key, BUCKET_SIZE))
-        if len(candidates) < count:  # thin routing table: start from whoever we are connected to
-            candidates.update(self.host.get_connected_peers())
-        # libp2p servers put every peer that queries them into their routing table, DHT
-        # clients included, and hand them out as "closer peers"; skip those identify told us
-        # about, instead of paying a failed stream negotiation each time.
-        candidates = {p for p in candidates if p != me and self._may_ask(p)}
-        queried: set[ID] = set()
-        failed: set[ID] = set()
-
-        async def one(peer_id: ID) -> None:
-            with trio.move_on_after(RPC_TIMEOUT) as scope:
-                closer = await rpc(peer_id)
-                if closer is not None:
-                    candidates.update(p for p in closer if p != me and p not in failed and self._may_ask(p))
-                    return
-            if scope.cancelled_caught:
-                self._went_silent(peer_id)
-            failed.add(peer_id)  # let the next closest take its place
-            candidates.discard(peer_id)
-
-        for _ in range(MAX_LOOKUP_ROUNDS):
-            batch = [p for p in sort_peer_ids_by_distance(key, list(candidates))[:count]
-                     if p not in queried]
-            if not batch:
-                return
-            queried.update(batch)
-            async with trio.open_nursery() as nursery:
-                for peer_id in batch:
-                    nursery.start_soon(one, peer_id)
-
-    def _may_ask(self, peer_id: ID) -> bool:
-        return self._may_be_dht_server(peer_id) and not self._avoided(peer_id)
-
-    def _avoided(self, peer_id: ID) -> bool:
-        silent_at = self._silent.get(peer_id)
-        return self.unresponsive(peer_id) or (silent_at is not None and trio.current_time() - silent_at < SILENT_FOR)
-
-    def _went_silent(self, peer_id: ID) -> None:
-        now = trio.current_time()
-        if len(self._silent) >= 1024:  # bounded: forget the periods that are over
-            self._silent = {p: t for p, t in self._silent.items() if now - t < SILENT_FOR}
-        self._silent[peer_id] = now
-
-    def _may_be_dht_server(self, peer_id: ID) -> bool:
-        try:
-            protocols = self.host.get_peerstore().get_protocols(peer_id)
-        except Exception:  # PeerStoreError: never identified, so we cannot tell
-            return True
-        return not protocols or str(KAD_PROTOCOL_ID) in protocols
-
 
 def _best(values: list[bytes], expect: dict[str, str]) -> SpanRecord | None:
     index = best_record_index(values, **expect)
