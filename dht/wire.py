@@ -22,7 +22,7 @@ import functools
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import zstandard
@@ -44,21 +44,20 @@ DTYPE_NAMES_ON_WIRE = ("float32", "float16", "bfloat16", "int64", "int32", "int8
 QUANTIZABLE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+class DtypeTables(NamedTuple):
+    by_name: dict  # name on the wire -> torch dtype
+    names: dict  # torch dtype -> name on the wire
+    quantizable: tuple  # torch dtypes q8 carries
+
+
 @functools.cache
-def _dtype_tables() -> tuple[dict, dict, tuple]:
-    """(name on the wire -> torch dtype, torch dtype -> name, quantizable dtypes), built on first use."""
+def dtype_tables() -> DtypeTables:
+    """Built on the first tensor (the import of torch with them)."""
     import torch
 
-    allowed = {name: getattr(torch, name) for name in DTYPE_NAMES_ON_WIRE}
-    return allowed, {dtype: name for name, dtype in allowed.items()}, tuple(allowed[n] for n in QUANTIZABLE_DTYPE_NAMES)
-
-
-def __getattr__(name: str):
-    """ALLOWED_DTYPES, DTYPE_NAMES and QUANTIZABLE_DTYPES, without importing torch before they are asked for."""
-    names = ("ALLOWED_DTYPES", "DTYPE_NAMES", "QUANTIZABLE_DTYPES")
-    if name in names:
-        return _dtype_tables()[names.index(name)]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    by_name = {name: getattr(torch, name) for name in DTYPE_NAMES_ON_WIRE}
+    return DtypeTables(by_name, {dtype: name for name, dtype in by_name.items()},
+                       tuple(by_name[name] for name in QUANTIZABLE_DTYPE_NAMES))
 
 
 TENSOR_KEYS = frozenset({"dtype", "shape", "codec", "data"})
@@ -214,7 +213,7 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 def encode_tensor(
     tensor: torch.Tensor, codec: str = "zstd", level: int = DEFAULT_ZSTD_LEVEL
 ) -> dict[str, Any]:
-    name = _dtype_tables()[1].get(tensor.dtype)
+    name = dtype_tables().names.get(tensor.dtype)
     if name is None:
         raise DisallowedDtype(f"dtype {tensor.dtype} is not allowed on the wire")
     if codec == Q8:
@@ -232,7 +231,7 @@ def _encode_q8(tensor: torch.Tensor, name: str) -> dict[str, Any]:
 
     from molink.dht.quantization import Q8_BLOCK, quantize_blockwise
 
-    if tensor.dtype not in _dtype_tables()[2]:
+    if tensor.dtype not in dtype_tables().quantizable:
         raise BadCodec(f"q8 quantizes floating-point tensors only, not {tensor.dtype}")
     if not bool(torch.isfinite(tensor).all()):
         raise BadCodec("q8 cannot carry NaN or inf: send such a tensor raw")
@@ -270,7 +269,7 @@ def decode_tensor(obj: Any, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor
         raise TensorError("tensor must be a map with keys dtype, shape, codec, data (q8: also block, scales)")
     import torch
 
-    dtype = _dtype_tables()[0].get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+    dtype = dtype_tables().by_name.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
     if dtype is None:
         raise DisallowedDtype(f"dtype {obj['dtype']!r} is not allowed; allowed: {sorted(DTYPE_NAMES_ON_WIRE)}")
     shape = _checked_shape(obj["shape"], limits)
@@ -304,7 +303,7 @@ def _decode_q8(obj: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
 
     from molink.dht.quantization import Q8_MAX_ABS, block_count, dequantize_blockwise
 
-    if dtype not in _dtype_tables()[2]:
+    if dtype not in dtype_tables().quantizable:
         raise BadCodec(f"q8 carries floating-point tensors only, not {dtype}")
     block, data, scale_bytes = obj["block"], obj["data"], obj["scales"]
     if type(block) is not int or not Q8_BLOCK_RANGE[0] <= block <= Q8_BLOCK_RANGE[1]:

@@ -214,7 +214,8 @@ def run_join(args) -> int:
     config = PeerConfig(
         model_dir=resolve_model_dir(args.model), start=start, end=end, identity=_identity(args),
         initial_peers=args.initial_peers, listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
-        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device, cache_tokens=args.cache_tokens,
+        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
+        cache_tokens=args.cache_tokens,
         max_cache_bytes=args.max_cache_mb << 20, idle_timeout=args.session_timeout,
         ready_file=args.ready_file, model_name=args.model_name, num_blocks=args.num_blocks,
         max_memory_bytes=int(args.max_memory * 2**20) if args.max_memory else None,

@@ -35,7 +35,7 @@ from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, Session
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
-from molink.peer.step_bundles import Outgoing, run_bundle, send_taps
+from molink.peer.step_bundles import Outgoing, run_bundle, send_tap
 
 logger = logging.getLogger(__name__)
 
@@ -362,9 +362,8 @@ class InferenceHandler:
         # audited and pushing on: the client gets a copy (a tap) with its input's digest, both made
         # after the push has left, off the route's path
         tap = Frame(p.TAP, frame.request_id, answer) if session.tap and target is session.push_stream else None
-        outgoing = Outgoing(session, frame.request_id, step, target, reply, tap, hidden if tap else None)
         if outbox is not None:
-            outbox.append(outgoing)
+            outbox.append(Outgoing(session, frame.request_id, step, target, reply, tap, hidden))
             return
         try:
             await target.send(reply)
@@ -372,7 +371,8 @@ class InferenceHandler:
             code = p.NEXT_HOP_UNREACHABLE if target is session.push_stream else p.INTERNAL
             await self._send_error(session.client_stream, frame.request_id, code, f"forwarding failed: {exc}", step)
             return
-        await send_taps(self, [outgoing])
+        if tap is not None:
+            await send_tap(self, session, frame.request_id, step, tap, hidden)
 
     async def _compute(self, session: ActiveSession, hidden, mask):
         if self.scheduler is not None:

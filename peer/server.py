@@ -9,7 +9,6 @@ withdraw the record, give open sessions a short grace to finish, close the host,
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import statistics
 import time

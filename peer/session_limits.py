@@ -29,7 +29,7 @@ from typing import Any
 
 from molink.dht.wire import WireLimits
 from molink.peer import protocol as p
-from molink.peer.session_limits_config import SessionLimits  # noqa: F401  (re-exported: one import site for users)
+from molink.peer.session_limits_config import SessionLimits  # the caps, apart so the CLI parser needs no torch
 
 
 class LimitExceeded(p.ProtocolError):

@@ -40,7 +40,7 @@ class Outgoing:
     target: Any  # the FramedStream it would have gone on alone
     frame: Frame  # what it would have sent alone: push to the next hop, or result to the client
     tap: Frame | None = None  # spot checks' copy for the client: sent after the bundle, off its path
-    tap_input: Any = None  # the step's input: the tap names its digest (computed when the tap leaves)
+    tap_input: Any = None  # with a tap: the step's input, whose digest the tap names (see send_tap)
 
 
 async def run_bundle(handler, frame: Frame, client: str | None = None) -> None:
@@ -110,21 +110,20 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
                 await handler._send_error(out.session.client_stream, out.request_id, code,
                                           f"forwarding failed: {exc}", out.step)
             continue
-        await send_taps(handler, group)
+        for out in group:
+            if out.tap is not None:
+                await send_tap(handler, out.session, out.request_id, out.step, out.tap, out.tap_input)
 
 
-async def send_taps(handler, outbox: list[Outgoing]) -> None:
-    """The spot-check taps of outputs that have left (a tap trails its push: the client waits for
-    it up to TAP_TIMEOUT, the next hop must not wait for it at all)."""
-    for out in outbox:
-        if out.tap is not None:
-            if out.tap_input is not None:
-                out.tap.body["in_digest"] = p.tensor_digest(out.tap_input)
-            try:
-                await out.session.client_stream.send(out.tap)
-            except STREAM_ERRORS as exc:
-                await handler._send_error(out.session.client_stream, out.request_id, p.INTERNAL,
-                                          f"tap failed: {exc}", out.step)
+async def send_tap(handler, session, request_id: int, step: int, tap: Frame, step_input) -> None:
+    """A spot-check tap, sent once its output has left: it trails its push (the client waits for
+    it up to TAP_TIMEOUT; the next hop must not wait for it at all), and so does the digest of the
+    step's input it names."""
+    tap.body["in_digest"] = p.tensor_digest(step_input)
+    try:
+        await session.client_stream.send(tap)
+    except STREAM_ERRORS as exc:
+        await handler._send_error(session.client_stream, request_id, p.INTERNAL, f"tap failed: {exc}", step)
 
 
 def _parts(group: list[Outgoing]) -> list[list[Outgoing]]:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import trio
 from libp2p.kad_dht.kad_dht import DHTMode
-from libp2p.peer.id import ID
 
 from molink.crypto.identity import Identity, load_or_create_identity
 from molink.crypto.swarm_key import SwarmKey, swarm_key_from
@@ -276,8 +275,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
                     logger.info("span lookup failed: %s", exc)
 
     async def _reachable_route(self, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
-        """The cheapest route whose peers all take a connection: plan, dial the route's peers we
-        are not connected to (all at once), skip the records of those that refuse, plan again.
+        """The cheapest route whose peers all take a connection: plan, dial the route's peers (all
+        at once), skip the records of those that refuse, plan again.
 
         A killed peer's record stays in the DHT until it expires (minutes): planned one session
         open at a time, each dead record cost a failed open plus a DHT lookup (seconds, slower
@@ -294,9 +293,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
                 self._unreachable[hop.peer_id] = hop.record.seq
 
     async def _dial_new_hops(self, route: list[RouteHop]) -> list[RouteHop]:
-        """Connect to the route's peers we have no connection to, side by side; return those that failed."""
-        network = self.host.get_network()
-        new = [hop for hop in route if not network.get_connections(ID.from_base58(hop.peer_id))]
+        """Connect to the route's peers side by side (at once for those we are connected to
+        already); return the hops of those that refused."""
         refused: list[RouteHop] = []
 
         async def dial(hop: RouteHop) -> None:
@@ -306,9 +304,9 @@ class DistributedModelForCausalLM(SwarmModelBase):
                 refused.append(hop)
 
         async with trio.open_nursery() as nursery:
-            for hop in {hop.peer_id: hop for hop in new}.values():
+            for hop in {hop.peer_id: hop for hop in route}.values():  # a peer on two hops: one dial
                 nursery.start_soon(dial, hop)
-        return [hop for hop in route if hop in refused]
+        return refused
 
     def _plan(self, records, batch_size: int, max_length: int, banned: set[str]) -> list[RouteHop]:
         records = [r for r in records if self._unreachable.get(r.peer_id) != r.seq]
