@@ -21,6 +21,7 @@ about the direct path fails (the peer does not offer it, the port is unreachable
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -262,25 +263,45 @@ async def _request_ticket(host: Any, peer_id: Any, protocol: str, timeout: float
 _connect_times: dict[str, float] = {}  # IP -> the quickest TCP connect to it seen: its round trip
 
 
+def _note_connect_time(ip: str, seconds: float) -> None:
+    """Keep the quickest connect seen per IP: one slow sample (a loaded machine's scheduling delay, a
+    retransmitted SYN) must not make a short path look long for good. Loopback is never long."""
+    if _is_loopback(ip):
+        seconds = 0.0
+    known = _connect_times.get(ip)
+    _connect_times[ip] = seconds if known is None else min(seconds, known)
+    if len(_connect_times) > 4096:
+        del _connect_times[next(iter(_connect_times))]
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
                               timeout: float = CONNECT_TIMEOUT) -> DirectChannel:
     port, ticket, secret = await _request_ticket(host, peer_id, protocol, timeout)
     known = _connect_times.get(ip)
     extra: list[trio.SocketStream] = []
+
+    async def timed_connect() -> trio.SocketStream:
+        started = trio.current_time()
+        sock = await trio.open_tcp_stream(ip, port)
+        _note_connect_time(ip, trio.current_time() - started)
+        return sock
+
     try:
         with trio.fail_after(timeout):
             if known is not None and lanes_for(known) > 1:  # a known long path: every lane at once
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_connect_lanes, ip, port, lanes_for(known) - 1, extra)
-                    sock = await trio.open_tcp_stream(ip, port)
+                    sock = await timed_connect()  # timed still: a quicker sample can shorten the path
             else:  # unknown (or short): time lane 0's connect, then add lanes if the path is long
-                started = trio.current_time()
-                sock = await trio.open_tcp_stream(ip, port)
-                rtt = trio.current_time() - started
-                _connect_times[ip] = min(rtt, known if known is not None else rtt)
-                if len(_connect_times) > 4096:
-                    del _connect_times[next(iter(_connect_times))]
-                await _connect_lanes(ip, port, lanes_for(rtt) - 1, extra)
+                sock = await timed_connect()
+                await _connect_lanes(ip, port, lanes_for(_connect_times[ip]) - 1, extra)
     except BaseException:
         for lane in extra:
             with contextlib.suppress(*SOCKET_ERRORS):
@@ -290,7 +311,8 @@ async def open_direct_channel(host: Any, peer_id: Any, ip: str, protocol: str,
 
 
 def is_long_path(addrs: Sequence[str]) -> bool:
-    """Did a connect to the TCP address among `addrs` take LANE_RTT or more (a WAN)? False if unknown."""
+    """Did every connect to the TCP address among `addrs` take LANE_RTT or more (a WAN)? False if
+    unknown, and for loopback."""
     rtt = _connect_times.get(tcp_ip_of(addrs) or "")
     return rtt is not None and rtt >= LANE_RTT
 

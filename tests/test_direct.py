@@ -26,6 +26,8 @@ from molink.dht.direct import (
     DirectListener,
     _channel_keys,
     _connect_times,
+    _note_connect_time,
+    is_long_path,
     _lane_hello,
     _request_ticket,
     dial_framed_direct,
@@ -188,6 +190,23 @@ async def test_a_channel_striped_over_lanes_carries_frames_of_every_size_in_orde
 def test_lanes_follow_the_round_trip_unless_told():
     assert lanes_for(0.0002) == 1  # loopback, a LAN: slow start costs nothing worth a socket
     assert lanes_for(0.040) > 4  # a WAN round trip
+    _connect_times.clear()
+
+
+def test_a_path_is_long_only_while_every_connect_to_it_was_slow():
+    """One slow connect (a loaded box's scheduling delay) must not make loopback a WAN for good: a peer
+    would then share push channels and stripe lanes to its neighbour on the same machine."""
+    _connect_times.clear()
+    lan, wan = ["/ip4/10.0.0.2/tcp/4001"], ["/ip4/10.0.9.9/tcp/4001"]
+    _note_connect_time("127.0.0.1", 0.030)
+    assert not is_long_path(["/ip4/127.0.0.1/tcp/4001"])
+    assert not is_long_path(lan)  # never connected: unknown is short
+    _note_connect_time("10.0.0.2", 0.030)
+    _note_connect_time("10.0.9.9", 0.030)
+    assert is_long_path(lan) and is_long_path(wan)
+    _note_connect_time("10.0.0.2", 0.0003)  # a quicker sample: the first was noise
+    _note_connect_time("10.0.9.9", 0.041)
+    assert not is_long_path(lan) and is_long_path(wan)
     _connect_times.clear()
 
 
