@@ -108,7 +108,8 @@ def analyse(name: str, raw: dict, args, spans) -> dict:
                                    "compute_ms": local[f"ttft_{length}_ms"], "span_prefill_ms": span_ms,
                                    "bytes_per_hop": dict(zip(links, prefill)), "serial_floor_ms": serial,
                                    "overlapped_floor_ms": overlapped, "ratio": t["opened_ms"] / overlapped,
-                                   "first_token_match": t["first_token"] == raw["reference_first"][str(length)]}
+                                   "first_token_match": t["first_token"] == raw["reference_first"][str(length)],
+                                   "chunks_per_run": t.get("chunks", [])}
         rows.append(row)
     return {"model": name, "spans": spans, "in_process": local, "rows": rows}
 
@@ -160,15 +161,16 @@ def print_tables(results: list[dict], args) -> None:
     print("\nTTFT (ms; measured from the first step with the session open; 'with open' adds route lookup "
           "and session opening):\n")
     print("| model | mode | prompt | TTFT | with open | compute (slowest span) | serial floor | overlapped floor | "
-          f"ratio vs overlapped (goal ≤ {TTFT_GOAL}) | first token = transformers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"ratio vs overlapped (goal ≤ {TTFT_GOAL}) | first token = transformers | chunks per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         for r in res["rows"]:
             for length, t in r["ttft"].items():
                 print(f"| {res['model']} | {r['mode']} | {length} | {t['opened_ms']:.1f} | {t['with_open_ms']:.1f} | "
                       f"{t['compute_ms']:.1f} ({max(t['span_prefill_ms']):.1f}) | {t['serial_floor_ms']:.1f} | "
                       f"{t['overlapped_floor_ms']:.1f} | {t['ratio']:.2f} | "
-                      f"{'yes' if t['first_token_match'] else 'NO'} |")
+                      f"{'yes' if t['first_token_match'] else 'NO'} | "
+                      f"{','.join(map(str, t['chunks_per_run'])) or '?'} |")
     print("\nBytes on the wire (IP packets incl. headers, ACKs, retransmissions), per hop:\n")
     print("| model | mode | hop | bytes/token (decode) | reverse bytes/token | " +
           " | ".join(f"prefill {n} bytes" for n in args.prompts) + " |")

@@ -215,12 +215,13 @@ def swarm_mode(model, cfg: dict, prompts: dict, pipe: Pipe, mode: str, local_dec
             started = time.perf_counter()
             out = await generate_with_chain(model.head, chain, ids, torch.ones_like(ids), config, streamer)
             elapsed = 1000 * (streamer.stamps[1] - started)
+            chunks.append(len(chain.history))  # how the prompt travelled (swarm/prefill_plan.py)
             return elapsed, delta(snap(), before), out[0].tolist()
         finally:
             await chain.close()
 
     for length in cfg["prompt_lengths"]:
-        opened, full, link_bytes = [], [], []
+        opened, full, link_bytes, chunks = [], [], [], []
         for _ in range(repeats):
             ms, used, out = model._run(ttft_opened, prompts[length], TimingStreamer(), pipe.stats)
             opened.append(ms)
@@ -229,7 +230,7 @@ def swarm_mode(model, cfg: dict, prompts: dict, pipe: Pipe, mode: str, local_dec
             started = time.perf_counter()
             model.generate(prompts[length], do_sample=False, max_new_tokens=1, streamer=streamer)
             full.append(1000 * (streamer.stamps[1] - started))
-        result[f"ttft_{length}"] = {"opened_ms": statistics.median(opened), "opened_runs_ms": opened,
+        result[f"ttft_{length}"] = {"opened_ms": statistics.median(opened), "opened_runs_ms": opened, "chunks": chunks,
                                     "with_open_ms": statistics.median(full), "with_open_runs_ms": full,
                                     "bytes": median_dict(link_bytes), "first_token": out[-1]}
     result["route"] = [hop.peer_id[-8:] for hop in model.last_route]

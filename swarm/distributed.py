@@ -38,7 +38,8 @@ from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain
 from molink.swarm.routing import BanList, NoRouteError, RouteHop, make_route
 from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.cohorts import CohortGate, cohorts_enabled
-from molink.swarm.pipeline_cost import MAX_MICRO_BATCHES, choose_micro_batches, route_costs
+from molink.swarm.pipeline_cost import MAX_MICRO_BATCHES, PipelineCosts, choose_micro_batches, route_costs
+from molink.swarm.prefill_plan import PrefillPlanner
 from molink.swarm.step_bundles import StepBundles, bundles_enabled
 from molink.swarm.spot_check import Auditor, SpotCheckConfig
 
@@ -98,6 +99,8 @@ class DistributedModelForCausalLM(SwarmModelBase):
         # ... and gather into a few cohorts that step together (swarm/cohorts.py)
         gate = CohortGate(self._cohort_count) if cohorts_enabled() else None
         self.step_bundles = StepBundles(gate) if bundles_enabled() else None
+        # prompts travel in chunks sized by the route, as measured (swarm/prefill_plan.py)
+        self.prefill_planner = PrefillPlanner(self._route_costs)
         try:
             self.host, self.dht = self._loop.call(self._loop.nursery.start, self._network)
         except BaseException:
@@ -153,7 +156,7 @@ class DistributedModelForCausalLM(SwarmModelBase):
             auditor = Auditor(self.spot_check, open_verifier, struck=self.bans.struck, ban_liar=self.bans.ban_liar,
                               rng=self._spot_rng)
         self.last_chain = FailoverChain(open_session, self.bans, self.recovery_timeout, has_moved=self._has_moved,
-                                        pipelined=not self.relay, auditor=auditor)
+                                        pipelined=not self.relay, auditor=auditor, planner=self.prefill_planner)
         return self.last_chain
 
     async def open_verifier(self, start: int, end: int, exclude: set[str], batch_size: int,
@@ -321,10 +324,14 @@ class DistributedModelForCausalLM(SwarmModelBase):
     def _cohort_count(self, session: RemoteSession, decoding: int) -> int:
         """How many cohorts `decoding` sessions on this session's route should form: the micro-batch
         rule for a batch of that many rows (swarm/pipeline_cost.py)."""
-        costs = route_costs(session.route, hidden_size=self.config.hidden_size,
-                            head_seconds=self.head_batcher.step_seconds(1, self.config.hidden_size),
-                            rtts=self.rtts, relay=self.relay, link_rate=self.link_rate)
-        return choose_micro_batches(costs, decoding, max_k=MAX_MICRO_BATCHES)
+        return choose_micro_batches(self._route_costs(session.route), decoding, max_k=MAX_MICRO_BATCHES)
+
+    def _route_costs(self, route: list[RouteHop], link_speed: float = 1.0) -> PipelineCosts:
+        """What each stage of `route` is predicted to cost (swarm/pipeline_cost.py), with links
+        `link_speed` times as fast as `link_rate` says."""
+        return route_costs(route, hidden_size=self.config.hidden_size,
+                           head_seconds=self.head_batcher.step_seconds(1, self.config.hidden_size),
+                           rtts=self.rtts, relay=self.relay, link_rate=self.link_rate * link_speed)
 
     def _session_closed(self, session: RemoteSession) -> None:
         if getattr(session, "_counted_out", False):

@@ -21,6 +21,7 @@ import trio
 
 from molink.peer import protocol as p
 from molink.swarm.inference_session import InferenceError, RemoteSession
+from molink.swarm.prefill_plan import PrefillPlanner, fixed_chunks, planned_chunks_enabled
 from molink.swarm.routing import BanList, NoRouteError, is_relayed
 from molink.swarm.spot_check import Auditor, LiarDetected
 
@@ -48,7 +49,7 @@ class RollBack(Exception):
 class FailoverChain:
     def __init__(self, open_session: OpenSession, bans: BanList,
                  recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT, has_moved: HasMoved | None = None,
-                 pipelined: bool = True, auditor: Auditor | None = None):
+                 pipelined: bool = True, auditor: Auditor | None = None, planner: PrefillPlanner | None = None):
         self.open_session = open_session
         self.has_moved = has_moved  # a peer restarted on a new address is not to be banned
         self.bans = bans
@@ -60,12 +61,28 @@ class FailoverChain:
         # add round trips, so the generation loop sends a prompt whole then
         self.pipelined = pipelined
         self.auditor = auditor  # spot checks (swarm/spot_check.py), or None
+        self.planner = planner  # sizes a prompt's chunks by the route (prefill_plan.py), or None: the fixed rule
         self.lies: list[dict] = []  # liars caught: who, at which step, proven by a third opinion or not
 
     trims_outputs = True  # step(..., last_only=True): the last hop sends back the last position only
 
     async def step(self, hidden_states: torch.Tensor, new_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         return (await self.step_many([(hidden_states, new_mask)], last_only))[0]
+
+    async def prefill_chunks(self, tokens: int) -> list[int]:
+        """How a prompt of `tokens` should travel (generation.run_step): sized by the route it will
+        take, so the route is opened first (and the history replayed) if it is not open yet."""
+        if self.planner is None or not planned_chunks_enabled():
+            return fixed_chunks(tokens)
+        if self.session is None:
+            try:
+                await self._reopen(pending=0)
+            except NoRouteError as exc:
+                raise self._give_up([], exc) from exc
+            except InferenceError as exc:  # step_many recovers as from any failed step
+                await self._drop_session(exc)
+                return fixed_chunks(tokens)
+        return self.planner.chunks(self.session.route, tokens, self.session.batch_size)
 
     async def step_many(self, items: list[tuple[torch.Tensor, torch.Tensor]],
                         last_only: bool = False) -> list[torch.Tensor]:
@@ -78,6 +95,7 @@ class FailoverChain:
                 if self.session is None:
                     await self._reopen(pending=len(items))
                 results = await self.session.step_many(items, last_only)
+                self._measured(self.session)
                 if self.auditor is not None:
                     await self.auditor.after_steps(self.session)
             except LiarDetected as exc:
@@ -98,6 +116,12 @@ class FailoverChain:
                                         "seconds": time.monotonic() - failed_at, "step": len(self.history)})
                 logger.info("recovered from %s in %.2f s", failures[0], time.monotonic() - failed_at)
             return results
+
+    def _measured(self, session: RemoteSession) -> None:
+        """What the last steps took, for the prefill planner (prefill_plan.py)."""
+        timing, session.prompt_timing = session.prompt_timing, None
+        if self.planner is not None and timing is not None:
+            self.planner.observe(session.route, *timing, batch=session.batch_size)
 
     def _give_up(self, failures: list[InferenceError], last: Exception) -> InferenceError:
         """The error the caller sees: say "busy" when that is why, not just "no route"."""
@@ -129,6 +153,7 @@ class FailoverChain:
         replay = self.history[:-pending] if pending else self.history
         if replay:
             await session.step_many(replay, last_only=True)  # only the peers' caches matter here
+            session.prompt_timing = None  # a replay's steps are not a prompt's chunks
 
     def _reached_through_relay(self, peer_id: str | None) -> bool:
         route = self.session.route if self.session is not None else []

@@ -27,6 +27,7 @@ from molink.peer.scheduler import tune_gc
 from molink.peer.span import positions_from_mask
 from molink.swarm.failover import RollBack
 from molink.swarm.head_batcher import HeadBatcher
+from molink.swarm.prefill_plan import fixed_chunks
 
 #: generation options this loop implements; anything else is refused rather than ignored
 SUPPORTED_OPTIONS = {
@@ -90,27 +91,17 @@ def max_new_tokens_of(config: GenerationConfig, prompt_length: int) -> int:
     return max(0, config.max_length - prompt_length)
 
 
-# Prompts of at least 2 x MIN_PREFILL_CHUNK tokens travel in chunks (at most MAX_PREFILL_CHUNKS):
-# peer k computes chunk i while chunk i+1 is on the wire to it and chunk i-1 is at peer k+1.
-MIN_PREFILL_CHUNK = 64
-MAX_PREFILL_CHUNKS = 8
-
-
-def prefill_chunk_sizes(tokens: int) -> list[int]:
-    """Near-equal chunks: enough of them to keep every peer of a route busy at once, few enough
-    that each still amortises a step's fixed costs (a frame, a scheduling round, a kernel launch)."""
-    count = max(1, min(MAX_PREFILL_CHUNKS, tokens // MIN_PREFILL_CHUNK))
-    base, extra = divmod(tokens, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
 async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One step of new tokens through the chain; a long prompt goes through in pipelined chunks.
     Only the last position's output is needed (logits come from it): a chain that can trim
     (`trims_outputs`) brings back just that one, not tokens x hidden on the last link for nothing."""
     options = {"last_only": True} if getattr(chain, "trims_outputs", False) else {}
-    sizes = prefill_chunk_sizes(hidden.shape[1])
-    if len(sizes) == 1 or not getattr(chain, "pipelined", False):
+    if not getattr(chain, "pipelined", False):
+        return await chain.step(hidden, mask, **options)
+    # a chain that knows its route sizes the chunks by it (prefill_plan.py); others: the fixed rule
+    plan = getattr(chain, "prefill_chunks", None)
+    sizes = await plan(hidden.shape[1]) if plan is not None else fixed_chunks(hidden.shape[1])
+    if len(sizes) == 1:
         return await chain.step(hidden, mask, **options)
     items, start = [], 0
     for size in sizes:

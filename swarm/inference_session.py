@@ -97,6 +97,9 @@ class RemoteSession:
         self.tapped: list[TappedStep] = []
         self._sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (hop 0 input, mask) until tapped
         self._taps: dict[tuple[int, int], Frame] = {}  # (hop, step) -> tap frame that came early
+        # the last prompt pushed through in chunks: (their sizes, when it was sent, when each answer
+        # came), for the prefill planner (prefill_plan.py); None until one is
+        self.prompt_timing: tuple[list[int], float, list[float]] | None = None
         # decode steps travel bundled with other sessions' (step_bundles.py): push mode only
         self.bundles = bundles if not relay else None
         self.session_ids: list[bytes] = []  # ours at each hop, once opened
@@ -327,6 +330,7 @@ class RemoteSession:
             raise InferenceError(f"session is closed ({self._failure})")
         sent: list[tuple[int, int]] = []
         self._stepping = True
+        started = trio.current_time()
         try:
             for hidden, mask in items:
                 self._step += 1
@@ -337,10 +341,12 @@ class RemoteSession:
                     raise InferenceError(f"peer {self.route[0].peer_id} failed: {exc}", self.route[0].peer_id) from exc
                 sent.append((self._step, 1 if last_only else hidden.shape[1]))
             last = len(self.streams) - 1
-            answers = []
+            answers, arrivals = [], []
             for step, new_tokens in sent:
                 reply = await self._expect(last, p.RESULT, self.step_timeout, step)
+                arrivals.append(trio.current_time())
                 answers.append((step, reply, self._checked_hidden(reply, last, new_tokens)))
+            self.prompt_timing = ([hidden.shape[1] for hidden, _ in items], started, arrivals)
             if self.tap:  # after every result: a result must never arrive while we wait for a tap
                 for step, reply, out in answers:
                     await self._record_pushed(step, reply, out)

@@ -80,6 +80,9 @@ class Stage:
     curve: CostCurve
     host: str | None = None
     fixed: float = 0.0  # seconds per step whatever its rows (a process's framing, crypto, scheduling)
+    # what a prompt chunk asks of it (prefill_times): "rows" (its tokens), "once" (the client head:
+    # one row per prompt, after the last chunk) or "last" (the link back: the last position only)
+    prefill: str = "rows"
 
     def busy(self, rows: float) -> float:
         return self.fixed + self.seconds * self.curve.factor(rows)
@@ -98,13 +101,38 @@ class PipelineCosts:
     def period(self, batch: int, k: int) -> float:
         """Seconds per token of all `batch` rows travelling as k micro-batches."""
         rows = math.ceil(batch / k)  # the largest micro-batch sets the pace
+        return max(k * self.busiest([stage.busy(rows) for stage in self.stages]), self.cycle(rows))
+
+    def busiest(self, times: list[float]) -> float:
+        """The bottleneck of one pass whose stages take `times`: the busiest host or link (a host
+        runs its stages on its cores: no faster than its longest stage, nor than its total / cores)."""
         on_host: dict[object, list[float]] = {}
-        for index, stage in enumerate(self.stages):
-            on_host.setdefault(stage.host if stage.host is not None else index, []).append(stage.busy(rows))
-        # a host runs its stages on its cores: no faster than its longest stage, nor than its total / cores
-        busiest = max(max(max(times), sum(times) / self.cores.get(host, len(times)))
-                      for host, times in on_host.items())
-        return max(k * busiest, self.cycle(rows))
+        for index, (stage, seconds) in enumerate(zip(self.stages, times)):
+            on_host.setdefault(stage.host if stage.host is not None else index, []).append(seconds)
+        return max(max(max(ts), sum(ts) / self.cores.get(host, len(ts))) for host, ts in on_host.items())
+
+    def prefill_times(self, chunk_tokens: int) -> PrefillTimes:
+        """What a prompt sent in chunks of `chunk_tokens` costs on this route (see PrefillTimes)."""
+        times = [0.0 if stage.prefill == "once" else stage.busy(1 if stage.prefill == "last" else chunk_tokens)
+                 for stage in self.stages]
+        head = sum(stage.busy(1) for stage in self.stages if stage.prefill == "once")
+        return PrefillTimes(first=sum(times), bottleneck=self.busiest(times), delays=sum(self.delays), head=head)
+
+
+@dataclass(frozen=True)
+class PrefillTimes:
+    """A prompt in c chunks of n tokens, sent back to back: the first chunk's answer comes back after
+    `first` (every stage's work on one chunk) + `delays`; each later one `bottleneck` after the one
+    before (the busiest host or link sets the pace of a full pipeline); the head runs once at the end.
+    So the first token takes first + delays + (c - 1) x bottleneck + head."""
+
+    first: float
+    bottleneck: float
+    delays: float
+    head: float
+
+    def ttft(self, chunks: int, first_scale: float = 1.0, bottleneck_scale: float = 1.0) -> float:
+        return first_scale * self.first + self.delays + (chunks - 1) * bottleneck_scale * self.bottleneck + self.head
 
 
 LINEAR = CostCurve(free_rows=1, rows_per_extra=1)  # b rows cost b x one row (a link's bytes)
@@ -116,7 +144,7 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
     """The stages of a route (see the module doc). head_seconds: the client head for one row;
     client_cores: cores of the client's machine (default: all of this one's), shared with loopback peers."""
     hosts = [host_of(hop) for hop in route]
-    stages = [Stage("client head", head_seconds, HEAD_CURVE, CLIENT_HOST, STEP_OVERHEAD)]
+    stages = [Stage("client head", head_seconds, HEAD_CURVE, CLIENT_HOST, STEP_OVERHEAD, prefill="once")]
     for hop, host in zip(route, hosts):
         stages.append(Stage(f"{hop.peer_id[-6:]} [{hop.start}:{hop.end})",
                             (hop.end - hop.start) / max(hop.record.throughput, MIN_THROUGHPUT), BLOCKS_CURVE, host,
@@ -136,7 +164,9 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
         # Inside one machine there is no wire: its bytes are that machine's work (copies), and what a
         # heartbeat measures there is the machine's own busyness, already counted as its stages' work.
         delays.append(LOOPBACK_RTT / 2 if a == b else delay)
-        stages.append(Stage(f"link {i}", row_bytes / link_rate, LINEAR, a if a == b else None))
+        answer = not relay and i == len(links) - 1  # the last hop answers a prompt chunk with its last position
+        stages.append(Stage(f"link {i}", row_bytes / link_rate, LINEAR, a if a == b else None,
+                            prefill="last" if answer else "rows"))
     return PipelineCosts(stages, delays, {CLIENT_HOST: client_cores or os.cpu_count() or 1})
 
 

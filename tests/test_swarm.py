@@ -28,7 +28,7 @@ from molink.peer import protocol as p
 from molink.peer.model_key import model_key_for
 from molink.peer.span import SpanModel
 from molink.swarm import DistributedModelForCausalLM
-from molink.swarm import inference_session
+from molink.swarm import inference_session, prefill_plan
 from molink.swarm.generation import merged_generation_config
 from molink.swarm.inference_session import RemoteSession
 from molink.swarm.local_swarm import LocalSwarm
@@ -271,14 +271,45 @@ def test_a_prompt_can_come_back_as_its_last_position_only(client, relay):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch):
+def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch, monkeypatch):
     """A 300-token prompt goes through the route as 4 chunks sent back to back (peers compute one
-    while the next is on the wire); the second row is left-padded past the whole first chunk."""
+    while the next is on the wire); the second row is left-padded past the whole first chunk.
+    (The route-blind rule here; chunks sized by the route: the next test.)"""
+    monkeypatch.setenv("MOLINK_PREFILL_CHUNKS", "fixed")
     model = client(False)
     ids, mask = prompts(batch, length=300, pad=90, seed=8)
     assert_same_generation(model, reference, ids, mask, max_new_tokens=8, min_new=8, do_sample=False)
     prefill = [hidden.shape[1] for hidden, _ in model.last_chain.history[:4]]
     assert prefill == [75, 75, 75, 75] and model.last_chain.history[4][0].shape[1] == 1
+
+
+def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_learned(client, reference,
+                                                                                        monkeypatch):
+    """The planner (swarm/prefill_plan.py) sizes a prompt's chunks by the route: told the links carry
+    100 kB/s, it hides their bytes behind many small chunks (8 or more, where the route-blind rule
+    sends 4); the tokens stay transformers'. What the steps really took on this route (loopback:
+    far faster than such links) is measured, and the next prompt's plan follows it: fewer chunks."""
+    model = client(False)
+    planner, assumed = model.prefill_planner, model.link_rate
+    routes = []
+    observe = planner.observe
+    monkeypatch.setattr(planner, "observe", lambda route, *args, **kw: (routes.append(route), observe(route, *args, **kw)))
+    try:
+        planner.measured.clear()
+        model.link_rate = 1e5
+        ids, mask = prompts(2, length=300, pad=90, seed=9)
+        assert_same_generation(model, reference, ids, mask, max_new_tokens=8, min_new=8, do_sample=False)
+        chunks = [hidden.shape[1] for hidden, _ in model.last_chain.history if hidden.shape[1] > 1]
+        assert len(chunks) >= 8 and sum(chunks) == 300 and max(chunks) - min(chunks) <= 1
+        learned = planner.measured[prefill_plan._key(routes[0])]
+        # the answers' spacing, per row: a small fraction of what 100 kB/s links would take (2.56 ms)
+        assert learned.prompts == 1
+        _, bottleneck = planner.model(routes[0])
+        assert bottleneck.per_row < 0.5 * HIDDEN * 4 / model.link_rate
+        assert len(planner.chunks(routes[0], 300, batch=2)) < len(chunks)
+    finally:
+        model.link_rate = assumed
+        planner.measured.clear()
 
 
 # ---------------------------------------------------------------------------- 2. the real model

@@ -1,0 +1,172 @@
+"""How many chunks a prompt travels in: sized by the route's measured compute and links.
+
+A long prompt goes through a push route as chunks sent back to back (generation.run_step): peer k
+computes chunk i while chunk i+1 is on the wire to it. More chunks overlap more, but every chunk
+pays each hop's fixed costs (a frame, decryption, a scheduling round, a forward's dispatch) once
+more. The best count depends on the route: on a slow link a chunk's bytes dominate and many small
+chunks hide them; with fast links and a slow CPU few chunks are best (MoLink's just-in-time
+transmission: the next chunk should arrive as the previous one's compute ends).
+
+The planner picks the count c that minimises the predicted first-token time (pipeline_cost.PrefillTimes:
+the first chunk's work around the route, then one bottleneck period per further chunk; the delays
+and the head cost every count alike). The prediction starts from what a client knows before it
+sends anything (each hop's announced throughput, measured by the peer; an assumed link rate:
+pipeline_cost.route_costs) and then follows what this client measured on the same route: the
+spacing of a prompt's answers is the time the busiest host or link spends per chunk, without the
+delays in it. Fitted as a line in the chunk's rows over the latest prompts, it replaces the
+predicted bottleneck, and its cost per row against the predicted one gives the links' real speed
+(a link slower than assumed shows up there as its bandwidth), with which the route's work per
+chunk is predicted again. (A decode step's round trip minus a prompt's first answer would give
+that work directly, but across a WAN it is the difference of two ~100 ms figures that each jitter
+by more than it: tried on the WAN bed, it sent 1024-token prompts whole.)
+MOLINK_PREFILL_CHUNKS=fixed keeps the route-blind rule (fixed_chunks) for A/B runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from molink.swarm.pipeline_cost import PipelineCosts
+
+MIN_CHUNK = 16  # tokens: smaller chunks are all fixed costs
+# The route-blind rule: prompts of at least 2 x FIXED_MIN_CHUNK tokens in at most FIXED_MAX_CHUNKS chunks
+FIXED_MIN_CHUNK = 64
+FIXED_MAX_CHUNKS = 8
+MAX_CHUNKS = 16
+MAX_SCALE = 16.0  # links at most this much faster or slower than assumed
+NEAR_BEST = 0.02  # predicted times this close to the best count as ties (fewer chunks win)
+SPACING_SAMPLES = 8  # the latest prompts' answer spacings a route's bottleneck line is fitted to
+SPREAD = 1.5  # chunk sizes this far apart tell a bottleneck's fixed cost from its cost per row
+MAX_ROUTES = 256
+
+
+def planned_chunks_enabled() -> bool:
+    return os.environ.get("MOLINK_PREFILL_CHUNKS", "planned") != "fixed"
+
+
+def even_chunks(tokens: int, count: int) -> list[int]:
+    """`count` near-equal chunks of `tokens`."""
+    base, extra = divmod(tokens, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def fixed_chunks(tokens: int) -> list[int]:
+    """The route-blind rule (a chain without a planner, MOLINK_PREFILL_CHUNKS=fixed): near-equal
+    chunks, enough to keep every peer of a 3-hop route busy at once, few enough that each still
+    amortises a step's fixed costs (a frame, a scheduling round, a kernel launch)."""
+    return even_chunks(tokens, max(1, min(FIXED_MAX_CHUNKS, tokens // FIXED_MIN_CHUNK)))
+
+
+@dataclass
+class Line:
+    """seconds = fixed + per_row x rows (a chunk's tokens x its batch)."""
+
+    fixed: float
+    per_row: float
+
+    def at(self, rows: float) -> float:
+        return self.fixed + self.per_row * rows
+
+    @classmethod
+    def through(cls, times: Callable[[int], float], small: int = 1, large: int = 257) -> Line:
+        per_row = max(0.0, (times(large) - times(small)) / (large - small))
+        return cls(max(0.0, times(small) - per_row * small), per_row)
+
+
+@dataclass
+class RouteMeasurements:
+    """What this client measured on one route: (rows per chunk, seconds between answers) of its
+    latest prompts sent in chunks."""
+
+    spacings: list[tuple[int, float]] = field(default_factory=list)
+    prompts: int = 0
+
+    def note_spacing(self, rows: int, seconds: float) -> None:
+        self.spacings = [*self.spacings[-(SPACING_SAMPLES - 1):], (rows, seconds)]
+
+
+class PrefillPlanner:
+    """Shared by a client's generations; `costs(route)` gives a route's predicted stages."""
+
+    def __init__(self, costs: Callable[..., PipelineCosts]):
+        self.costs = costs  # costs(route, link_speed=1.0): the route's stages, links link_speed x as fast as assumed
+        self.measured: dict[tuple[str, ...], RouteMeasurements] = {}
+
+    def model(self, route: list) -> tuple[Line, Line]:
+        """(a chunk's work around the route, the bottleneck's work per chunk), each a line in the
+        chunk's rows: predicted (route_costs), then fitted to what was measured. The spacing of a
+        prompt's answers is the bottleneck's time per chunk, whatever the delays: a line through
+        chunks of different sizes splits it into fixed and per-row costs (else the predicted fixed
+        part is kept). Its cost per row against the predicted one says how fast the links really
+        are (what the client does not know; compute is announced): the route's work is predicted
+        again with links that fast."""
+        bottleneck = Line.through(lambda n: self.costs(route).prefill_times(n).bottleneck)
+        seen = self.measured.get(_key(route))
+        speed = 1.0
+        if seen is not None and seen.spacings:
+            measured = _fit(seen.spacings, bottleneck)
+            if measured.per_row > 0 and bottleneck.per_row > 0:
+                speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
+            else:
+                speed = MAX_SCALE if bottleneck.per_row > 0 else 1.0  # no cost per row to see: fast links
+            bottleneck = measured
+        costs = self.costs(route, link_speed=speed)
+        return Line.through(lambda n: costs.prefill_times(n).first), bottleneck
+
+    def chunks(self, route: list, tokens: int, batch: int = 1) -> list[int]:
+        """The chunk sizes for a prompt of `tokens` (x `batch` rows) on `route` (a list of RouteHops)."""
+        most = max(1, min(MAX_CHUNKS, tokens // MIN_CHUNK))
+        if most == 1:
+            return [tokens]
+        first, bottleneck = self.model(route)
+        alike = self.costs(route).prefill_times(1)  # what every count costs alike: only for NEAR_BEST
+
+        def ttft(count: int) -> float:
+            rows = batch * math.ceil(tokens / count)
+            return first.at(rows) + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
+
+        predicted = {count: ttft(count) for count in range(1, most + 1)}
+        best = min(predicted.values())
+        count = min(c for c, seconds in predicted.items() if seconds <= best * (1 + NEAR_BEST) + 1e-12)
+        return even_chunks(tokens, count)
+
+    def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:
+        """A prompt went as `sizes` chunks: sent from `started`, their answers back at `answers`."""
+        if len(sizes) < 2 or len(answers) != len(sizes) or max(sizes) < MIN_CHUNK or answers[0] <= started:
+            return
+        spacing = statistics.median(b - a for a, b in zip(answers, answers[1:]))
+        if spacing > 0:
+            seen = self._measurements(route)
+            seen.note_spacing(batch * max(sizes), spacing)
+            seen.prompts += 1
+
+    def _measurements(self, route: list) -> RouteMeasurements:
+        key = _key(route)
+        if key not in self.measured:
+            if len(self.measured) >= MAX_ROUTES:
+                del self.measured[next(iter(self.measured))]
+            self.measured[key] = RouteMeasurements()
+        return self.measured[key]
+
+
+def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
+    """A line through (rows, seconds) samples: least squares when their sizes differ enough to
+    tell fixed from per-row costs, else through their mean. Its fixed part is never below the
+    predicted one (STEP_OVERHEAD per process, itself measured): a few noisy spacings, on a busy
+    machine, easily fit a line through zero, and every chunk would then look free."""
+    rows = [r for r, _ in samples]
+    mean_rows, mean_seconds = statistics.fmean(rows), statistics.fmean(s for _, s in samples)
+    fixed = predicted.fixed
+    if max(rows) >= SPREAD * min(rows):
+        slope = sum((r - mean_rows) * (s - mean_seconds) for r, s in samples) / sum((r - mean_rows) ** 2 for r in rows)
+        fixed = max(fixed, mean_seconds - max(0.0, slope) * mean_rows)
+    fixed = min(fixed, mean_seconds)
+    return Line(fixed, (mean_seconds - fixed) / mean_rows)
+
+
+def _key(route: list) -> tuple[str, ...]:
+    return tuple(f"{hop.peer_id}[{hop.start}:{hop.end})" for hop in route)

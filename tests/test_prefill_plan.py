@@ -1,0 +1,119 @@
+"""A prompt's chunks sized by its route (swarm/prefill_plan.py): predicted from the route's stages,
+then fitted to what the client measured on it. Live: tests/test_swarm.py (a slow route's prompt in
+more chunks, exact, and what its steps took learned)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from molink.peer.cost_curve import BLOCKS_CURVE
+from molink.swarm.pipeline_cost import HEAD_CURVE, LINEAR, STEP_OVERHEAD, PipelineCosts, Stage
+from molink.swarm.prefill_plan import PrefillPlanner, even_chunks, fixed_chunks
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str
+    start: int
+    end: int
+
+
+ROUTE = [Hop("a", 0, 2), Hop("b", 2, 4), Hop("c", 4, 6)]
+
+
+def wan_route(rate: float = 12.5e6, hop_seconds: float = 0.0006, row_bytes: int = 256, delay: float = 0.02,
+              fixed: float = STEP_OVERHEAD) -> PipelineCosts:
+    """Client + 3 peers on machines of their own, links of `rate` bytes/s and `delay` one way."""
+    stages = [Stage("head", 0.0002, HEAD_CURVE, "client", fixed, prefill="once")]
+    stages += [Stage(f"hop {i}", hop_seconds, BLOCKS_CURVE, f"10.0.0.{i}", fixed) for i in range(3)]
+    stages += [Stage(f"link {i}", row_bytes / rate, LINEAR, None, prefill="last" if i == 3 else "rows")
+               for i in range(4)]
+    return PipelineCosts(stages, [delay] * 4, {"client": 2})
+
+
+def planner_for(costs: PipelineCosts | None = None, **route) -> PrefillPlanner:
+    """A planner for the route wan_route(**route) (or fixed `costs`)."""
+    if costs is not None:
+        return PrefillPlanner(lambda _, link_speed=1.0: costs)
+    rate = route.pop("rate", 12.5e6)
+    return PrefillPlanner(lambda _, link_speed=1.0: wan_route(rate=rate * link_speed, **route))
+
+
+def test_chunks_are_near_equal_and_short_prompts_go_whole():
+    assert even_chunks(300, 4) == [75] * 4 and even_chunks(10, 3) == [4, 3, 3]
+    assert fixed_chunks(100) == [100] and fixed_chunks(300) == [75] * 4 and len(fixed_chunks(4096)) == 8
+    assert planner_for(rate=1e4).chunks(ROUTE, 31) == [31]  # two chunks would be under 16 tokens
+
+
+def test_slower_links_cut_a_prompt_into_more_chunks():
+    """At 100 Mbit/s the tiny model's prompt of 128 tokens goes as 2 chunks (what the WAN bed runs
+    best with); at 10 Mbit/s its bytes dominate and many small chunks hide them."""
+    fast, slow = planner_for(), planner_for(rate=1.25e6)
+    for tokens in (128, 300, 1024):
+        assert len(slow.chunks(ROUTE, tokens)) > len(fast.chunks(ROUTE, tokens)) > 1
+    assert len(fast.chunks(ROUTE, 128)) == 2
+
+
+def test_fixed_costs_that_dwarf_the_work_keep_a_prompt_whole():
+    assert planner_for(fixed=0.05).chunks(ROUTE, 256) == [256]
+
+
+def test_batch_rows_count_like_tokens():
+    planner = planner_for(rate=2.5e6)
+    assert len(planner.chunks(ROUTE, 128, batch=8)) > len(planner.chunks(ROUTE, 128, batch=1))
+
+
+def observe_pipeline(planner: PrefillPlanner, costs: PipelineCosts, rows: int, chunks: int = 3) -> None:
+    """A prompt of `chunks` x `rows` as the route `costs` would answer it."""
+    times = costs.prefill_times(rows)
+    first = 100.0 + times.first + times.delays
+    planner.observe(ROUTE, [rows] * chunks, started=100.0,
+                    answers=[first + i * times.bottleneck for i in range(chunks)])
+
+
+def test_a_link_slower_than_assumed_is_measured_and_the_next_prompt_goes_in_more_chunks():
+    """The client assumes 100 Mbit/s; the route really carries 10: the spacing of a prompt's
+    answers shows it, and the next prompt hides the bytes behind more, smaller chunks."""
+    planner = planner_for()
+    before = len(planner.chunks(ROUTE, 512))
+    observe_pipeline(planner, wan_route(rate=1.25e6), 64)
+    assert len(planner.chunks(ROUTE, 512)) > before
+    assert planner.measured[("a[0:2)", "b[2:4)", "c[4:6)")].prompts == 1
+
+
+def test_a_bottleneck_with_larger_fixed_costs_than_predicted_means_fewer_chunks():
+    """Every step costs each process ~5 ms more than predicted (a slow CPU, cold caches): chunks of
+    two sizes tell that fixed cost from the cost per row, and chunks merge."""
+    planner = planner_for()
+    before = len(planner.chunks(ROUTE, 1024))
+    for rows in (64, 128):
+        observe_pipeline(planner, wan_route(fixed=0.005), rows)
+    first, bottleneck = planner.model(ROUTE)
+    assert 0.004 < bottleneck.fixed < 0.007
+    assert len(planner.chunks(ROUTE, 1024)) < before
+
+
+def test_what_cannot_be_a_measurement_is_ignored():
+    planner = planner_for()
+    planner.observe(ROUTE, [64, 64], started=5.0, answers=[4.0, 6.0])  # answered before it was sent
+    planner.observe(ROUTE, [64, 64], started=0.0, answers=[1.0])  # an answer missing
+    planner.observe(ROUTE, [8, 8], started=0.0, answers=[1.0, 1.1])  # too short to say anything about rows
+    planner.observe(ROUTE, [64], started=0.0, answers=[1.0])  # one chunk: no spacing
+    assert planner.measured.get(("a[0:2)", "b[2:4)", "c[4:6)")) is None
+
+
+def test_links_faster_than_assumed_are_measured_and_the_next_prompt_goes_in_fewer_chunks():
+    planner = planner_for(rate=1.25e6)
+    before = len(planner.chunks(ROUTE, 512))
+    observe_pipeline(planner, wan_route(rate=12.5e6), 64)
+    assert len(planner.chunks(ROUTE, 512)) < before
+
+
+def test_answers_that_come_as_fast_for_any_chunk_size_do_not_send_a_long_prompt_whole():
+    """Seen on the WAN bed: a prompt's answers ~1.5 ms apart whether its chunks had 64 or 341 rows
+    (no cost per row to see at the bottleneck). That says the links are fast, not that the route's
+    work per row is nothing: a 1024-token prompt still goes in chunks."""
+    planner = planner_for()
+    planner.observe(ROUTE, [64, 64], started=0.0, answers=[0.1, 0.1015])
+    planner.observe(ROUTE, [341, 341, 342], started=0.0, answers=[0.1, 0.1016, 0.1031])
+    assert 1 < len(planner.chunks(ROUTE, 1024))
