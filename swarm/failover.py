@@ -62,6 +62,7 @@ class FailoverChain:
         self.pipelined = pipelined
         self.auditor = auditor  # spot checks (swarm/spot_check.py), or None
         self.planner = planner  # sizes a prompt's chunks by the route (prefill_plan.py), or None: the fixed rule
+        self._opening_failure: tuple[InferenceError, float] | None = None  # from prefill_chunks, for step_many
         self.lies: list[dict] = []  # liars caught: who, at which step, proven by a third opinion or not
 
     trims_outputs = True  # step(..., last_only=True): the last hop sends back the last position only
@@ -79,8 +80,9 @@ class FailoverChain:
                 await self._reopen(pending=0)
             except NoRouteError as exc:
                 raise self._give_up([], exc) from exc
-            except InferenceError as exc:  # step_many recovers as from any failed step
+            except InferenceError as exc:  # step_many recovers, counting this failure as its first
                 await self._drop_session(exc)
+                self._opening_failure = (exc, time.monotonic())
                 return fixed_chunks(tokens)
         return self.planner.chunks(self.session.route, tokens, self.session.batch_size)
 
@@ -90,6 +92,9 @@ class FailoverChain:
         self.history.extend(items)
         failed_at: float | None = None
         failures: list[InferenceError] = []
+        if self._opening_failure is not None:  # prefill_chunks failed to open the route for these steps
+            (first, failed_at), self._opening_failure = self._opening_failure, None
+            failures.append(first)
         while True:
             try:
                 if self.session is None:

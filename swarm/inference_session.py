@@ -100,6 +100,7 @@ class RemoteSession:
         # the last prompt pushed through in chunks: (their sizes, when it was sent, when each answer
         # came), for the prefill planner (prefill_plan.py); None until one is
         self.prompt_timing: tuple[list[int], float, list[float]] | None = None
+        self._answered_at: dict[int, float | None] = {}  # a timed step -> when its answer was read off the wire
         # decode steps travel bundled with other sessions' (step_bundles.py): push mode only
         self.bundles = bundles if not relay else None
         self.session_ids: list[bytes] = []  # ours at each hop, once opened
@@ -244,6 +245,9 @@ class RemoteSession:
             if frame.type == p.RESULTS and self.bundles is not None:
                 self.bundles.dispatch(self.route[index].peer_id, frame)  # other sessions' answers too
                 continue
+            step = frame.body.get("step") if frame.type == p.RESULT else None
+            if type(step) is int and step in self._answered_at and self._answered_at[step] is None:
+                self._answered_at[step] = trio.current_time()  # not when step_many gets to it
             await self._events_send.send((index, frame))
 
     def deliver_result(self, frame: Frame) -> None:
@@ -331,6 +335,7 @@ class RemoteSession:
         sent: list[tuple[int, int]] = []
         self._stepping = True
         started = trio.current_time()
+        self._answered_at = {self._step + 1 + i: None for i in range(len(items))}
         try:
             for hidden, mask in items:
                 self._step += 1
@@ -341,11 +346,12 @@ class RemoteSession:
                     raise InferenceError(f"peer {self.route[0].peer_id} failed: {exc}", self.route[0].peer_id) from exc
                 sent.append((self._step, 1 if last_only else hidden.shape[1]))
             last = len(self.streams) - 1
-            answers, arrivals = [], []
+            answers = []
             for step, new_tokens in sent:
                 reply = await self._expect(last, p.RESULT, self.step_timeout, step)
-                arrivals.append(trio.current_time())
                 answers.append((step, reply, self._checked_hidden(reply, last, new_tokens)))
+            arrivals = [self._answered_at.get(step) or trio.current_time() for step, _ in sent]
+            self._answered_at = {}
             self.prompt_timing = ([hidden.shape[1] for hidden, _ in items], started, arrivals)
             if self.tap:  # after every result: a result must never arrive while we wait for a tap
                 for step, reply, out in answers:

@@ -131,9 +131,6 @@ class PrefillTimes:
     delays: float
     head: float
 
-    def ttft(self, chunks: int, first_scale: float = 1.0, bottleneck_scale: float = 1.0) -> float:
-        return first_scale * self.first + self.delays + (chunks - 1) * bottleneck_scale * self.bottleneck + self.head
-
 
 LINEAR = CostCurve(free_rows=1, rows_per_extra=1)  # b rows cost b x one row (a link's bytes)
 

@@ -41,6 +41,7 @@ MAX_SCALE = 16.0  # links at most this much faster or slower than assumed
 NEAR_BEST = 0.02  # predicted times this close to the best count as ties (fewer chunks win)
 SPACING_SAMPLES = 8  # the latest prompts' answer spacings a route's bottleneck line is fitted to
 SPREAD = 1.5  # chunk sizes this far apart tell a bottleneck's fixed cost from its cost per row
+EXPLORE = 0.05  # a plan predicted this much slower than the best may run to measure another chunk size
 MAX_ROUTES = 256
 
 
@@ -132,6 +133,15 @@ class PrefillPlanner:
         predicted = {count: ttft(count) for count in range(1, most + 1)}
         best = min(predicted.values())
         count = min(c for c, seconds in predicted.items() if seconds <= best * (1 + NEAR_BEST) + 1e-12)
+        seen = self.measured.get(_key(route))
+        if seen is not None and len(seen.spacings) >= 2 and not _spread([r for r, _ in seen.spacings]):
+            # chunks of one size cannot tell a bottleneck's fixed cost from its cost per row: try
+            # another size this once, where the prediction says it costs little
+            usual = statistics.fmean(r for r, _ in seen.spacings)
+            others = [c for c, seconds in predicted.items() if seconds <= best * (1 + EXPLORE)
+                      and _spread([usual, batch * math.ceil(tokens / c)])]
+            if others:
+                count = min(others, key=predicted.__getitem__)
         return even_chunks(tokens, count)
 
     def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:
@@ -161,11 +171,15 @@ def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
     rows = [r for r, _ in samples]
     mean_rows, mean_seconds = statistics.fmean(rows), statistics.fmean(s for _, s in samples)
     fixed = predicted.fixed
-    if max(rows) >= SPREAD * min(rows):
+    if _spread(rows):
         slope = sum((r - mean_rows) * (s - mean_seconds) for r, s in samples) / sum((r - mean_rows) ** 2 for r in rows)
         fixed = max(fixed, mean_seconds - max(0.0, slope) * mean_rows)
     fixed = min(fixed, mean_seconds)
     return Line(fixed, (mean_seconds - fixed) / mean_rows)
+
+
+def _spread(rows: list[float]) -> bool:
+    return max(rows) >= SPREAD * min(rows)
 
 
 def _key(route: list) -> tuple[str, ...]:

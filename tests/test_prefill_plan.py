@@ -117,3 +117,27 @@ def test_answers_that_come_as_fast_for_any_chunk_size_do_not_send_a_long_prompt_
     planner.observe(ROUTE, [64, 64], started=0.0, answers=[0.1, 0.1015])
     planner.observe(ROUTE, [341, 341, 342], started=0.0, answers=[0.1, 0.1016, 0.1031])
     assert 1 < len(planner.chunks(ROUTE, 1024))
+
+
+def test_chunks_of_one_size_are_varied_once_so_fixed_costs_are_told_from_slow_links():
+    """Prompts of one length give spacings at one chunk size, which cannot say whether a bottleneck
+    is slow per chunk (fixed costs) or per row (a slow link). The planner then tries another size
+    where that costs little; with both, a route whose every step costs ~5 ms more than predicted
+    ends with fewer, larger chunks than it started with."""
+    planner, truth = planner_for(), wan_route(fixed=0.005)
+    start = len(planner.chunks(ROUTE, 1024))
+    counts = []
+    for _ in range(6):
+        sizes = planner.chunks(ROUTE, 1024)
+        counts.append(len(sizes))
+        observe_pipeline(planner, truth, max(sizes), chunks=len(sizes))
+    assert len(set(counts)) > 1  # it did try another size
+    assert len(planner.chunks(ROUTE, 1024)) < start
+
+
+def test_answers_closer_than_any_fixed_cost_mean_links_faster_than_assumed():
+    planner = planner_for(rate=1.25e6)
+    prior_first, _ = planner.model(ROUTE)
+    planner.observe(ROUTE, [64, 64], started=0.0, answers=[0.1, 0.1002])
+    first, bottleneck = planner.model(ROUTE)
+    assert bottleneck.per_row == 0 and first.per_row < prior_first.per_row / 4
