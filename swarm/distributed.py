@@ -326,12 +326,13 @@ class DistributedModelForCausalLM(SwarmModelBase):
         rule for a batch of that many rows (swarm/pipeline_cost.py)."""
         return choose_micro_batches(self._route_costs(session.route), decoding, max_k=MAX_MICRO_BATCHES)
 
-    def _route_costs(self, route: list[RouteHop], link_speed: float = 1.0) -> PipelineCosts:
+    def _route_costs(self, route: list[RouteHop], link_speed: float = 1.0, compute_speed: float = 1.0) -> PipelineCosts:
         """What each stage of `route` is predicted to cost (swarm/pipeline_cost.py), with links
-        `link_speed` times as fast as `link_rate` says."""
+        `link_speed` times as fast as `link_rate` says and hops `compute_speed` times as fast as announced."""
         return route_costs(route, hidden_size=self.config.hidden_size,
                            head_seconds=self.head_batcher.step_seconds(1, self.config.hidden_size),
-                           rtts=self.rtts, relay=self.relay, link_rate=self.link_rate * link_speed)
+                           rtts=self.rtts, relay=self.relay, link_rate=self.link_rate * link_speed,
+                           compute_speed=compute_speed)
 
     def _session_closed(self, session: RemoteSession) -> None:
         if getattr(session, "_counted_out", False):

@@ -27,7 +27,7 @@ from molink.peer.scheduler import tune_gc
 from molink.peer.span import positions_from_mask
 from molink.swarm.failover import RollBack
 from molink.swarm.head_batcher import HeadBatcher
-from molink.swarm.prefill_plan import fixed_chunks
+from molink.swarm.prefill_plan import MIN_CHUNK, fixed_chunks
 
 #: generation options this loop implements; anything else is refused rather than ignored
 SUPPORTED_OPTIONS = {
@@ -96,7 +96,7 @@ async def run_step(chain: SpanChain, hidden: torch.Tensor, mask: torch.Tensor) -
     Only the last position's output is needed (logits come from it): a chain that can trim
     (`trims_outputs`) brings back just that one, not tokens x hidden on the last link for nothing."""
     options = {"last_only": True} if getattr(chain, "trims_outputs", False) else {}
-    if not getattr(chain, "pipelined", False):
+    if not getattr(chain, "pipelined", False) or hidden.shape[1] < 2 * MIN_CHUNK:  # decode steps, short prompts
         return await chain.step(hidden, mask, **options)
     # a chain that knows its route sizes the chunks by it (prefill_plan.py); others: the fixed rule
     plan = getattr(chain, "prefill_chunks", None)

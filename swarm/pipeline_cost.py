@@ -83,6 +83,7 @@ class Stage:
     # what a prompt chunk asks of it (prefill_times): "rows" (its tokens), "once" (the client head:
     # one row per prompt, after the last chunk) or "last" (the link back: the last position only)
     prefill: str = "rows"
+    link: bool = False  # bytes on a wire (or copied inside a machine), not compute
 
     def busy(self, rows: float) -> float:
         return self.fixed + self.seconds * self.curve.factor(rows)
@@ -111,6 +112,14 @@ class PipelineCosts:
             on_host.setdefault(stage.host if stage.host is not None else index, []).append(seconds)
         return max(max(max(ts), sum(ts) / self.cores.get(host, len(ts))) for host, ts in on_host.items())
 
+    def mostly_links(self, chunk_tokens: int) -> bool:
+        """Do the links carry more of such a chunk's work than the peers compute?"""
+        work = {True: 0.0, False: 0.0}
+        for stage in self.stages:
+            if stage.prefill == "rows":
+                work[stage.link] += stage.busy(chunk_tokens) - stage.fixed
+        return work[True] >= work[False]
+
     def prefill_times(self, chunk_tokens: int) -> PrefillTimes:
         """What a prompt sent in chunks of `chunk_tokens` costs on this route (see PrefillTimes)."""
         times = [0.0 if stage.prefill == "once" else stage.busy(1 if stage.prefill == "last" else chunk_tokens)
@@ -137,14 +146,16 @@ LINEAR = CostCurve(free_rows=1, rows_per_extra=1)  # b rows cost b x one row (a 
 
 def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float, rtts: dict[str, float],
                 relay: bool = False, link_rate: float = ASSUMED_LINK_RATE, bytes_per_value: int = BYTES_PER_VALUE,
-                client_cores: int | None = None) -> PipelineCosts:
+                client_cores: int | None = None, compute_speed: float = 1.0) -> PipelineCosts:
     """The stages of a route (see the module doc). head_seconds: the client head for one row;
-    client_cores: cores of the client's machine (default: all of this one's), shared with loopback peers."""
+    client_cores: cores of the client's machine (default: all of this one's), shared with loopback peers;
+    compute_speed: the hops compute this many times as fast as they announce."""
     hosts = [host_of(hop) for hop in route]
     stages = [Stage("client head", head_seconds, HEAD_CURVE, CLIENT_HOST, STEP_OVERHEAD, prefill="once")]
     for hop, host in zip(route, hosts):
         stages.append(Stage(f"{hop.peer_id[-6:]} [{hop.start}:{hop.end})",
-                            (hop.end - hop.start) / max(hop.record.throughput, MIN_THROUGHPUT), BLOCKS_CURVE, host,
+                            (hop.end - hop.start) / max(hop.record.throughput, MIN_THROUGHPUT) / compute_speed,
+                            BLOCKS_CURVE, host,
                             STEP_OVERHEAD))
     client_rtt = [rtts.get(hop.peer_id, DEFAULT_RTT) for hop in route]
     if relay:  # the client carries every hop both ways
@@ -163,7 +174,7 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
         delays.append(LOOPBACK_RTT / 2 if a == b else delay)
         answer = not relay and i == len(links) - 1  # the last hop answers a prompt chunk with its last position
         stages.append(Stage(f"link {i}", row_bytes / link_rate, LINEAR, a if a == b else None,
-                            prefill="last" if answer else "rows"))
+                            prefill="last" if answer else "rows", link=True))
     return PipelineCosts(stages, delays, {CLIENT_HOST: client_cores or os.cpu_count() or 1})
 
 

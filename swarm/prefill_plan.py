@@ -19,7 +19,8 @@ predicted bottleneck, and its cost per row against the predicted one gives the l
 chunk is predicted again. (A decode step's round trip minus a prompt's first answer would give
 that work directly, but across a WAN it is the difference of two ~100 ms figures that each jitter
 by more than it: tried on the WAN bed, it sent 1024-token prompts whole.)
-MOLINK_PREFILL_CHUNKS=fixed keeps the route-blind rule (fixed_chunks) for A/B runs.
+Off unless MOLINK_PREFILL_CHUNKS=planned: the route-blind rule (fixed_chunks), tuned on the WAN bed, did
+as well or better there in every A/B but one (README).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ MIN_CHUNK = 16  # tokens: smaller chunks are all fixed costs
 FIXED_MIN_CHUNK = 64
 FIXED_MAX_CHUNKS = 8
 MAX_CHUNKS = 16
-MAX_SCALE = 16.0  # links at most this much faster or slower than assumed
+MAX_SCALE = 16.0  # links or peers at most this much faster or slower than assumed
 NEAR_BEST = 0.02  # predicted times this close to the best count as ties (fewer chunks win)
 SPACING_SAMPLES = 8  # the latest prompts' answer spacings a route's bottleneck line is fitted to
 SPREAD = 1.5  # chunk sizes this far apart tell a bottleneck's fixed cost from its cost per row
@@ -46,7 +47,8 @@ MAX_ROUTES = 256
 
 
 def planned_chunks_enabled() -> bool:
-    return os.environ.get("MOLINK_PREFILL_CHUNKS", "planned") != "fixed"
+    """Opt-in (MOLINK_PREFILL_CHUNKS=planned): on the WAN bed it did not beat the fixed rule (README)."""
+    return os.environ.get("MOLINK_PREFILL_CHUNKS", "fixed") == "planned"
 
 
 def even_chunks(tokens: int, count: int) -> list[int]:
@@ -56,7 +58,7 @@ def even_chunks(tokens: int, count: int) -> list[int]:
 
 
 def fixed_chunks(tokens: int) -> list[int]:
-    """The route-blind rule (a chain without a planner, MOLINK_PREFILL_CHUNKS=fixed): near-equal
+    """The route-blind rule (the default; a chain without a planner): near-equal
     chunks, enough to keep every peer of a 3-hop route busy at once, few enough that each still
     amortises a step's fixed costs (a frame, a scheduling round, a kernel launch)."""
     return even_chunks(tokens, max(1, min(FIXED_MAX_CHUNKS, tokens // FIXED_MIN_CHUNK)))
@@ -94,7 +96,9 @@ class PrefillPlanner:
     """Shared by a client's generations; `costs(route)` gives a route's predicted stages."""
 
     def __init__(self, costs: Callable[..., PipelineCosts]):
-        self.costs = costs  # costs(route, link_speed=1.0): the route's stages, links link_speed x as fast as assumed
+        # costs(route, link_speed=1.0, compute_speed=1.0): the route's stages, its links and peers that
+        # many times as fast as assumed and announced
+        self.costs = costs
         self.measured: dict[tuple[str, ...], RouteMeasurements] = {}
 
     def model(self, route: list) -> tuple[Line, Line]:
@@ -102,21 +106,24 @@ class PrefillPlanner:
         chunk's rows: predicted (route_costs), then fitted to what was measured. The spacing of a
         prompt's answers is the bottleneck's time per chunk, whatever the delays: a line through
         chunks of different sizes splits it into fixed and per-row costs (else the predicted fixed
-        part is kept). Its cost per row against the predicted one says how fast the links really
-        are (what the client does not know; compute is announced): the route's work is predicted
-        again with links that fast."""
-        bottleneck = Line.through(lambda n: self.costs(route).prefill_times(n).bottleneck)
+        part is kept). Its cost per row against the predicted one says how much faster or slower
+        the route really is than predicted, and what is off is taken to be what carries most of a
+        chunk's work: the links (the client assumed their rate) or the peers' compute (announced).
+        The route's work is predicted again with all links, or all peers, that much faster or slower."""
+        predicted = self.costs(route)
+        bottleneck = Line.through(lambda n: predicted.prefill_times(n).bottleneck)
         seen = self.measured.get(_key(route))
-        speed = 1.0
-        if seen is not None and seen.spacings:
-            measured = _fit(seen.spacings, bottleneck)
-            if measured.per_row > 0 and bottleneck.per_row > 0:
-                speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
-            else:
-                speed = MAX_SCALE if bottleneck.per_row > 0 else 1.0  # no cost per row to see: fast links
-            bottleneck = measured
-        costs = self.costs(route, link_speed=speed)
-        return Line.through(lambda n: costs.prefill_times(n).first), bottleneck
+        if seen is None or not seen.spacings:
+            return Line.through(lambda n: predicted.prefill_times(n).first), bottleneck
+        measured = _fit(seen.spacings, bottleneck)
+        if measured.per_row > 0 and bottleneck.per_row > 0:
+            speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
+        else:
+            speed = MAX_SCALE if bottleneck.per_row > 0 else 1.0  # no cost per row to see: it is fast
+        usual = round(statistics.fmean(r for r, _ in seen.spacings))
+        which = "link_speed" if predicted.mostly_links(usual) else "compute_speed"
+        costs = self.costs(route, **{which: speed})
+        return Line.through(lambda n: costs.prefill_times(n).first), measured
 
     def chunks(self, route: list, tokens: int, batch: int = 1) -> list[int]:
         """The chunk sizes for a prompt of `tokens` (x `batch` rows) on `route` (a list of RouteHops)."""

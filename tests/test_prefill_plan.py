@@ -26,7 +26,7 @@ def wan_route(rate: float = 12.5e6, hop_seconds: float = 0.0006, row_bytes: int 
     """Client + 3 peers on machines of their own, links of `rate` bytes/s and `delay` one way."""
     stages = [Stage("head", 0.0002, HEAD_CURVE, "client", fixed, prefill="once")]
     stages += [Stage(f"hop {i}", hop_seconds, BLOCKS_CURVE, f"10.0.0.{i}", fixed) for i in range(3)]
-    stages += [Stage(f"link {i}", row_bytes / rate, LINEAR, None, prefill="last" if i == 3 else "rows")
+    stages += [Stage(f"link {i}", row_bytes / rate, LINEAR, None, prefill="last" if i == 3 else "rows", link=True)
                for i in range(4)]
     return PipelineCosts(stages, [delay] * 4, {"client": 2})
 
@@ -34,9 +34,10 @@ def wan_route(rate: float = 12.5e6, hop_seconds: float = 0.0006, row_bytes: int 
 def planner_for(costs: PipelineCosts | None = None, **route) -> PrefillPlanner:
     """A planner for the route wan_route(**route) (or fixed `costs`)."""
     if costs is not None:
-        return PrefillPlanner(lambda _, link_speed=1.0: costs)
-    rate = route.pop("rate", 12.5e6)
-    return PrefillPlanner(lambda _, link_speed=1.0: wan_route(rate=rate * link_speed, **route))
+        return PrefillPlanner(lambda _, link_speed=1.0, compute_speed=1.0: costs)
+    rate, hop_seconds = route.pop("rate", 12.5e6), route.pop("hop_seconds", 0.0006)
+    return PrefillPlanner(lambda _, link_speed=1.0, compute_speed=1.0: wan_route(
+        rate=rate * link_speed, hop_seconds=hop_seconds / compute_speed, **route))
 
 
 def test_chunks_are_near_equal_and_short_prompts_go_whole():
@@ -141,3 +142,17 @@ def test_answers_closer_than_any_fixed_cost_mean_links_faster_than_assumed():
     planner.observe(ROUTE, [64, 64], started=0.0, answers=[0.1, 0.1002])
     first, bottleneck = planner.model(ROUTE)
     assert bottleneck.per_row == 0 and first.per_row < prior_first.per_row / 4
+
+
+def test_peers_slower_than_announced_are_measured_as_compute_and_prompts_go_in_more_chunks():
+    """A route of slow CPUs (SmolLM2-like: the peers' compute is the bottleneck, not the links) whose
+    peers are 2x slower than announced: every hop's work per row is, so more of it overlaps with
+    more chunks (blaming the links instead would under-chunk: seen on the WAN bed, 5-7 vs 8)."""
+    planner = planner_for(hop_seconds=0.024, row_bytes=2304)
+    before = len(planner.chunks(ROUTE, 1024))
+    truth = wan_route(hop_seconds=0.048, row_bytes=2304)
+    for rows in (128, 256):
+        observe_pipeline(planner, truth, rows)
+    first, _ = planner.model(ROUTE)
+    assert first.per_row > 1.5 * planner_for(hop_seconds=0.024, row_bytes=2304).model(ROUTE)[0].per_row
+    assert len(planner.chunks(ROUTE, 1024)) >= before
