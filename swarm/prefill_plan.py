@@ -143,7 +143,7 @@ class PrefillPlanner:
         seen = self.measured.get(_key(route))
         if seen is not None and len(seen.spacings) >= 2 and not _spread([r for r, _ in seen.spacings]):
             # chunks of one size cannot tell a bottleneck's fixed cost from its cost per row: try
-            # another size this once, where the prediction says it costs little
+            # another size this time, where the prediction says it costs little
             usual = statistics.fmean(r for r, _ in seen.spacings)
             others = [c for c, seconds in predicted.items() if seconds <= best * (1 + EXPLORE)
                       and _spread([usual, batch * math.ceil(tokens / c)])]
@@ -173,8 +173,9 @@ class PrefillPlanner:
 def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
     """A line through (rows, seconds) samples: least squares when their sizes differ enough to
     tell fixed from per-row costs, else through their mean. Its fixed part is never below the
-    predicted one (STEP_OVERHEAD per process, itself measured): a few noisy spacings, on a busy
-    machine, easily fit a line through zero, and every chunk would then look free."""
+    predicted one (a step's overhead per process, and a one-row forward from the decode cost curve:
+    too much for CPU prefill, README): a few noisy spacings, on a busy machine, easily fit a line
+    through zero, and every chunk would then look free."""
     rows = [r for r, _ in samples]
     mean_rows, mean_seconds = statistics.fmean(rows), statistics.fmean(s for _, s in samples)
     fixed = predicted.fixed

@@ -31,10 +31,8 @@ def wan_route(rate: float = 12.5e6, hop_seconds: float = 0.0006, row_bytes: int 
     return PipelineCosts(stages, [delay] * 4, {"client": 2})
 
 
-def planner_for(costs: PipelineCosts | None = None, **route) -> PrefillPlanner:
-    """A planner for the route wan_route(**route) (or fixed `costs`)."""
-    if costs is not None:
-        return PrefillPlanner(lambda _, link_speed=1.0, compute_speed=1.0: costs)
+def planner_for(**route) -> PrefillPlanner:
+    """A planner for the route wan_route(**route), whose links and peers it may find faster or slower."""
     rate, hop_seconds = route.pop("rate", 12.5e6), route.pop("hop_seconds", 0.0006)
     return PrefillPlanner(lambda _, link_speed=1.0, compute_speed=1.0: wan_route(
         rate=rate * link_speed, hop_seconds=hop_seconds / compute_speed, **route))
