@@ -63,6 +63,7 @@ class FailoverChain:
         self.auditor = auditor  # spot checks (swarm/spot_check.py), or None
         self.planner = planner  # sizes a prompt's chunks by the route (prefill_plan.py), or None: the fixed rule
         self._opening_failure: tuple[InferenceError, float] | None = None  # from prefill_chunks, for step_many
+        self._resting_when_planned: set[str] = set()  # see _reopen
         self.lies: list[dict] = []  # liars caught: who, at which step, proven by a third opinion or not
 
     trims_outputs = True  # step(..., last_only=True): the last hop sends back the last position only
@@ -131,7 +132,7 @@ class FailoverChain:
     def _give_up(self, failures: list[InferenceError], last: Exception) -> InferenceError:
         """The error the caller sees: say "busy" when that is why, not just "no route"."""
         busy = [f for f in failures if f.code == p.BUSY]
-        if busy or str(last).startswith("busy") or (isinstance(last, NoRouteError) and self.bans.resting()):
+        if busy or str(last).startswith("busy") or (isinstance(last, NoRouteError) and self._resting_when_planned):
             reason = busy[-1] if busy else last
             return InferenceError(f"the swarm is busy (no KV-cache room): {reason}", getattr(reason, "peer_id", None),
                                   p.BUSY)
@@ -145,6 +146,9 @@ class FailoverChain:
         last ones of the history) through it, with the same step boundaries as the first time."""
         deadline = time.monotonic() + self.recovery_timeout
         while True:
+            # who was avoided only for being busy when this plan was made: a busy peer's backoff
+            # may run out while the plan fails, and the caller must still hear "busy" (_give_up)
+            self._resting_when_planned = self.bans.resting()
             try:
                 session = await self.open_session(self.bans.banned())
                 break
