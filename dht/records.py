@@ -53,6 +53,7 @@ MAX_NEXT_RTTS = 16  # peers a record may report round trips to (its successors i
 MAX_RTT = 60.0  # seconds; anything slower is a broken path, not a delay worth routing around
 MAX_SESSIONS = 1 << 20
 REACHABILITY_VALUES = ("public", "private", "unknown")
+MAX_PREFILL_SECONDS = 60.0  # per block: a chunk slower than this is a broken peer, not a cost to plan with
 
 _MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_CHARS}}}$")
 _VERSION_RE = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_VERSION_CHARS)
@@ -120,6 +121,9 @@ class SpanRecord:
     next_rtts: smoothed round trips (seconds) from this peer to peers serving the blocks right after
     its span (peer/neighbours.py), as sorted (peer_id, seconds) pairs; a msgpack map on the wire.
     A client routing p -> q in push mode pays p's RTT to q, which only p can measure.
+    prefill_cost: (fixed, per_token) seconds per block of a prompt chunk of n tokens (fixed +
+    per_token x n), fitted by the peer to the chunks it ran (peer/cost_curve.py PrefillCost); empty
+    when unknown. A client sizes a prompt's chunks with it (swarm/prefill_plan.py).
     """
 
     model_key: str
@@ -136,6 +140,7 @@ class SpanRecord:
     sessions: int = 0
     next_rtts: tuple[tuple[str, float], ...] = ()
     reachability: str = "unknown"  # dht/reachability.py: public | private (announces relayed addrs) | unknown
+    prefill_cost: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # Callers may pass a list; keep the frozen record immutable (and comparable) throughout.
@@ -147,6 +152,7 @@ class SpanRecord:
                                                                for k, v in rtts)))
         except (TypeError, ValueError) as exc:  # unsortable keys, pairs that are not pairs
             raise MalformedRecord("next_rtts must map peer ids to seconds") from exc
+        object.__setattr__(self, "prefill_cost", tuple(self.prefill_cost))
         # Signed bytes must decode back to the same types: floats stay floats on the wire.
         for name in ("throughput", "expires_at"):
             value = getattr(self, name)
@@ -170,6 +176,7 @@ class SpanRecord:
         sessions: int = 0,
         next_rtts: dict[str, float] | None = None,
         reachability: str = "unknown",
+        prefill_cost: tuple[float, float] | None = None,
     ) -> "SpanRecord":
         now = time.time() if now is None else now
         record = cls(
@@ -187,6 +194,7 @@ class SpanRecord:
             sessions=sessions,
             next_rtts=tuple((next_rtts or {}).items()),
             reachability=reachability,
+            prefill_cost=tuple(float(x) for x in prefill_cost) if prefill_cost else (),
         )
         record.check_fields()
         return record
@@ -221,13 +229,14 @@ class SpanRecord:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["addrs"] = list(self.addrs)
         d["next_rtts"] = dict(self.next_rtts)
+        d["prefill_cost"] = list(self.prefill_cost)
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "SpanRecord":
         """Build from decoded msgpack, checking the exact field set, types and bounds."""
-        # Records signed before `reachability` existed lack it (it then reads "unknown").
-        if not isinstance(d, dict) or set(d) not in (_FIELD_NAMES, _FIELD_NAMES - {"reachability"}):
+        # Records signed before `reachability` / `prefill_cost` existed lack them (unknown, empty).
+        if not isinstance(d, dict) or set(d) not in _ACCEPTED_FIELD_SETS:
             raise MalformedRecord("record must be a map with exactly the span record fields")
         for name, types in _FIELD_TYPES.items():
             if name not in d:
@@ -243,6 +252,9 @@ class SpanRecord:
             raise MalformedRecord(f"next_rtts has more than {MAX_NEXT_RTTS} entries")
         if not all(isinstance(k, str) and type(v) is float for k, v in d["next_rtts"].items()):
             raise MalformedRecord("next_rtts must map peer id strings to float seconds")
+        if "prefill_cost" in d and not (len(d["prefill_cost"]) in (0, 2)
+                                        and all(type(x) is float for x in d["prefill_cost"])):
+            raise MalformedRecord("prefill_cost must be empty or two float seconds")
         record = cls(**d)
         record.check_fields()
         return record
@@ -283,6 +295,11 @@ class SpanRecord:
                 raise MalformedRecord("next_rtts keys must be other peers' base58 ids")
             if not (isinstance(rtt, float) and math.isfinite(rtt) and 0.0 < rtt < MAX_RTT):
                 raise MalformedRecord(f"next_rtts values must be seconds in (0, {MAX_RTT:.0f})")
+        if self.prefill_cost and not (len(self.prefill_cost) == 2 and all(
+                isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= MAX_PREFILL_SECONDS for x in self.prefill_cost)):
+            raise MalformedRecord(f"prefill_cost must be (fixed, per_token) seconds in [0, {MAX_PREFILL_SECONDS:.0f}]")
+        if self.is_withdrawal and self.prefill_cost:
+            raise MalformedRecord("a withdrawal carries no costs")
         if self.reachability not in REACHABILITY_VALUES:
             raise MalformedRecord(f"reachability must be one of {REACHABILITY_VALUES}")
         if not _VERSION_RE.match(self.version):
@@ -312,8 +329,9 @@ _FIELD_NAMES = frozenset(f.name for f in fields(SpanRecord))
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_key": str, "peer_id": str, "public_key": bytes, "start": int, "end": int,
     "addrs": list, "throughput": float, "free_cache_tokens": int, "version": str, "seq": int,
-    "expires_at": float, "sessions": int, "next_rtts": dict, "reachability": str,
+    "expires_at": float, "sessions": int, "next_rtts": dict, "reachability": str, "prefill_cost": list,
 }
+_ACCEPTED_FIELD_SETS = (_FIELD_NAMES, _FIELD_NAMES - {"prefill_cost"}, _FIELD_NAMES - {"reachability", "prefill_cost"})
 
 
 def encode_envelope(record_dict: dict[str, Any], sig: bytes) -> bytes:

@@ -1,9 +1,12 @@
 """What a forward costs: how it grows with the rows it carries (the client plans micro-batches with
 it, swarm/pipeline_cost.py) and what one costs on this peer, learned from the forwards it runs (the
-peer decides from it what runs inline and how long to wait for a batch, peer/scheduler.py)."""
+peer decides from it what runs inline and how long to wait for a batch, peer/scheduler.py); and what
+a prompt chunk costs per token (PrefillCost: announced in the span record, the client sizes prompt
+chunks with it, swarm/prefill_plan.py)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -12,6 +15,38 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass
+class Line:
+    """seconds = fixed + per_row x rows."""
+
+    fixed: float
+    per_row: float
+
+    def at(self, rows: float) -> float:
+        return self.fixed + self.per_row * rows
+
+    @classmethod
+    def through(cls, times: Callable[[int], float], small: int = 1, large: int = 257) -> "Line":
+        per_row = max(0.0, (times(large) - times(small)) / (large - small))
+        return cls(max(0.0, times(small) - per_row * small), per_row)
+
+    @classmethod
+    def fitted(cls, samples: list[tuple[float, float]]) -> "Line | None":
+        """Least squares through (rows, seconds) samples of at least two sizes. Where noise gives a
+        slope of zero or less, or a negative fixed part, the line through zero and their mean: more
+        rows never cost less, and what grows with them is what a caller must not miss."""
+        if len({rows for rows, _ in samples}) < 2:
+            return None
+        mean_rows = statistics.fmean(rows for rows, _ in samples)
+        mean_seconds = statistics.fmean(seconds for _, seconds in samples)
+        slope = (sum((r - mean_rows) * (s - mean_seconds) for r, s in samples)
+                 / sum((r - mean_rows) ** 2 for r, _ in samples))
+        fixed = mean_seconds - slope * mean_rows
+        if slope <= 0 or fixed < 0:
+            return cls(0.0, mean_seconds / mean_rows)
+        return cls(fixed, slope)
 
 
 @dataclass(frozen=True)
@@ -72,3 +107,49 @@ def timed(run: Callable[[], T]) -> tuple[T, float]:
     started = time.perf_counter()
     result = run()
     return result, time.perf_counter() - started
+
+
+# Prompt chunks of fewer tokens are mostly a step's fixed costs; they say little about the slope.
+PREFILL_MIN_TOKENS = 16
+PREFILL_SAMPLES = 32
+PREFILL_PROBE_TOKENS = (32, 128)  # what a peer measures at start, through its span
+
+
+class PrefillCost:
+    """What a prompt chunk costs on this peer per block: seconds = fixed + per_token x tokens, fitted
+    to the prompt forwards it ran, with the two measured at start kept in the fit.
+
+    Not the decode curve: a decode step reads every weight for a few rows (flat in rows at first),
+    a prompt chunk's cost grows with every token. The decode curve scaled by the decode throughput
+    was 3x too high per token for the tiny test model and 2x too low for SmolLM2 on this project's
+    CPUs (tiny, 2 blocks: 1.5 ms at 64 tokens, 3.2 at 256; SmolLM2, 10 blocks: 71 / 270 ms)."""
+
+    def __init__(self, start_samples: list[tuple[int, float]] | None = None, samples: int = PREFILL_SAMPLES):
+        self._start = list(start_samples or [])  # (tokens, seconds per block), measured at start
+        self._recent: deque[tuple[int, float]] = deque(maxlen=samples)
+
+    def observe(self, tokens: int, blocks: int, seconds: float) -> None:
+        if tokens >= PREFILL_MIN_TOKENS and blocks > 0 and seconds > 0:
+            self._recent.append((tokens, seconds / blocks))
+
+    def line(self) -> Line | None:
+        """Seconds per block of a chunk of n tokens, or None while nothing is known."""
+        samples = [*self._start, *self._recent]
+        line = Line.fitted(samples)
+        if line is None and samples:  # one size only: through its mean, all per-token
+            tokens = statistics.fmean(t for t, _ in samples)
+            line = Line(0.0, statistics.fmean(s for _, s in samples) / tokens)
+        return line
+
+
+def measure_prefill(run_chunk: Callable[[int], None], tokens: tuple[int, ...] = PREFILL_PROBE_TOKENS,
+                    repeats: int = 3) -> list[tuple[int, float]]:
+    """(tokens, seconds) of the quickest of `repeats` prompt chunks of each size that `run_chunk(n)`
+    runs. The sizes take turns, so that a burst of other work (peers starting side by side) slows
+    one round of each, not one size."""
+    run_chunk(tokens[0])  # warm-up
+    best = dict.fromkeys(tokens, math.inf)
+    for _ in range(repeats):
+        for n in tokens:
+            best[n] = min(best[n], timed(lambda: run_chunk(n))[1])
+    return list(best.items())

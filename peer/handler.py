@@ -28,7 +28,7 @@ from molink.dht.codec_policy import encode_hidden_async
 from molink.dht.wire import Frame
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
-from molink.peer.cost_curve import ForwardCost, timed
+from molink.peer.cost_curve import ForwardCost, PrefillCost, timed
 from molink.peer.faults import Faults
 from molink.peer.push_channels import PushChannels
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
@@ -58,7 +58,8 @@ class PeerStats:
 class InferenceHandler:
     def __init__(self, span: SpanModel, model_key: str, registry: SessionRegistry, host,
                  idle_timeout: float = 300.0, throughput: float = 0.0, batching: BatchingConfig | None = None,
-                 faults: Faults | None = None, limits: SessionLimits | None = None):
+                 faults: Faults | None = None, limits: SessionLimits | None = None,
+                 prefill_cost: PrefillCost | None = None):
         self.span = span
         self.throughput = throughput  # block-steps per second, measured at start
         self.model_key = model_key
@@ -72,7 +73,9 @@ class InferenceHandler:
         self.open_gate = OpenGate(self.limits)
         self.faults = faults if faults is not None else Faults.from_env()  # tests only: faults.py
         # continuous batching + decode first (scheduler.py); None: every step alone, as they come
-        self.scheduler = StepScheduler(batching, throughput) if batching and batching.enabled else None
+        self.prefill_cost = prefill_cost or PrefillCost()  # what a prompt chunk costs here: announced
+        self.scheduler = (StepScheduler(batching, throughput, self.prefill_cost)
+                          if batching and batching.enabled else None)
         self.forward_cost = ForwardCost(throughput)  # steps computed here when batching is off
         # one shared channel per next-hop peer across a WAN (push_channels.py)
         self.push_channels = PushChannels(self._dial_next_hop, share=lambda hop: is_long_path(hop.addrs))
@@ -385,6 +388,8 @@ class InferenceHandler:
         else:
             output, seconds = await trio.to_thread.run_sync(timed, step, limiter=self.compute_limiter)
         self.forward_cost.observe(rows, blocks, seconds)
+        if hidden.shape[1] > 1:  # a prompt chunk
+            self.prefill_cost.observe(rows, blocks, seconds)
         return output
 
     async def _send_error(self, framed: FramedStream, request_id: int, code: str, message: str,

@@ -47,7 +47,7 @@ import torch
 import trio
 
 from molink.peer.batched_span import StepWork, batch_key, batchable, step_batched
-from molink.peer.cost_curve import ForwardCost, timed
+from molink.peer.cost_curve import ForwardCost, PrefillCost, timed
 from molink.peer.span import SpanModel
 from molink.peer.stacked_cache import StackGone
 
@@ -146,14 +146,16 @@ class Job:
     steps: list[PendingStep]
     tokens: int
     run: Callable[[], None]
+    prefill: bool = False  # a prompt chunk (its cost teaches PrefillCost too)
 
 
 class StepScheduler:
-    def __init__(self, config: BatchingConfig, throughput: float = 0.0):
+    def __init__(self, config: BatchingConfig, throughput: float = 0.0, prefill_cost: PrefillCost | None = None):
         self.config = config
         # one row through one block: sizes the inline decision and the batching window; starts from
         # the throughput measured at start, then follows the forwards run here (cost_curve.py)
         self.cost = ForwardCost(throughput)
+        self.prefill_cost = prefill_cost or PrefillCost()  # what prompt chunks cost here (announced)
         self.stats = SchedulerStats()
         self._queue: list[PendingStep] = []  # arrival order
         self._arrival = trio.Event()
@@ -240,7 +242,12 @@ class StepScheduler:
     def _timed_run(self, job: Job) -> None:
         """Run a job here and teach the cost model what it took."""
         _, seconds = timed(job.run)
+        self._observe(job, seconds)
+
+    def _observe(self, job: Job, seconds: float) -> None:
         self.cost.observe(job.tokens, _blocks(job), seconds)
+        if job.prefill:
+            self.prefill_cost.observe(job.tokens, _blocks(job), seconds)
 
     async def _gather(self) -> None:
         """Wait up to `window` for the decode steps of other active sessions (see module doc)."""
@@ -340,7 +347,7 @@ class StepScheduler:
             if stop == work.new_tokens:
                 item.result = item.chunks[0] if len(item.chunks) == 1 else torch.cat(item.chunks, dim=1)
 
-        return Job([item], work_tokens(item, chunk), run)
+        return Job([item], work_tokens(item, chunk), run, prefill=True)
 
     def _count_decode(self, rows: int) -> None:
         self.stats.forwards += 1
@@ -355,7 +362,7 @@ class StepScheduler:
                 self._timed_run(job)
             else:
                 _, seconds = await trio.to_thread.run_sync(timed, job.run)
-                self.cost.observe(job.tokens, _blocks(job), seconds)
+                self._observe(job, seconds)
         except Exception as exc:  # noqa: BLE001 - delivered to the step(s) it belongs to
             for item in job.steps:
                 if item.result is None and item.error is None:

@@ -26,10 +26,11 @@ from molink.dht.host import p2p_addrs, running_host, set_protocol_handler
 from molink.dht.holepunch import PunchingDirectListener
 from molink.dht.kademlia import SwarmDHT
 from molink.dht.nat import NatConfig, NatService
-from molink.dht.records import SpanRecord
+from molink.dht.records import MAX_PREFILL_SECONDS, SpanRecord
 from molink.dht.streams import framed_handler
 from molink.peer import protocol as p
 from molink.peer.bootstrap_node import SIGNALS, write_ready_file
+from molink.peer.cost_curve import Line, PrefillCost, measure_prefill
 from molink.peer.handler import InferenceHandler
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
@@ -94,6 +95,27 @@ def measure_throughput(span: SpanModel, steps: int = 24) -> float:
     return 1.0 / max(statistics.median(times), 1e-9)
 
 
+def _announced(line: Line | None) -> tuple[float, float] | None:
+    """A prefill line as the record carries it (bounded, as records are checked)."""
+    if line is None:
+        return None
+    return tuple(min(MAX_PREFILL_SECONDS, max(0.0, x)) for x in (line.fixed, line.per_row))
+
+
+def measure_prefill_cost(span: SpanModel) -> PrefillCost:
+    """What prompt chunks cost on this span, per block (the first guess of PrefillCost). Through the
+    whole span, not one block: part of a forward's fixed cost is paid once per forward (masks, the
+    rotary table), and one block times the span's blocks overstated SmolLM2's fixed cost ~1.7x."""
+    hidden_size, dtype, blocks = span.config.hidden_size, span.dtype, span.end - span.start
+
+    def run_chunk(tokens: int) -> None:
+        session = span.new_session()
+        span.step(session, torch.zeros(1, tokens, hidden_size, dtype=dtype), torch.ones(1, tokens, dtype=torch.long))
+        session.close()
+
+    return PrefillCost([(tokens, seconds / blocks) for tokens, seconds in measure_prefill(run_chunk)])
+
+
 class PeerServer:
     def __init__(self, config: PeerConfig, span: SpanModel | None, model_key: str, throughput: float,
                  plan: AutoPlan | None = None):
@@ -139,7 +161,8 @@ class PeerServer:
                                  self.throughput, free, VERSION, ttl=RECORD_TTL,
                                  sessions=len(self.registry),
                                  next_rtts=self.neighbours.published() if self.neighbours else None,
-                                 reachability=self.nat.status if self.nat is not None else "unknown")
+                                 reachability=self.nat.status if self.nat is not None else "unknown",
+                                 prefill_cost=_announced(self.handler.prefill_cost.line()))
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with running_host(self.config.identity.keypair, self.config.listen,
@@ -151,10 +174,11 @@ class PeerServer:
                 if self.span is None:
                     self.span = await join_span(self, dht)
                     self.registry.budget_tokens = self._cache_budget()
+                prefill_cost = measure_prefill_cost(self.span)
                 self.handler = handler = InferenceHandler(self.span, self.model_key, self.registry, host,
                                                           idle_timeout=self.config.idle_timeout,
                                                           throughput=self.throughput, batching=self.config.batching,
-                                                          limits=self.config.session_limits)
+                                                          limits=self.config.session_limits, prefill_cost=prefill_cost)
                 data_handlers = {
                     # small frames until a session exists; the handler then raises them to its need
                     p.INFERENCE_PROTOCOL: framed_handler(handler.handle_inference, limits=OPEN_WIRE_LIMITS,

@@ -45,7 +45,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from molink.peer.cost_curve import BLOCKS_CURVE, CostCurve
+from molink.peer.cost_curve import BLOCKS_CURVE, CostCurve, Line
 from molink.swarm.routing import DEFAULT_RTT, MIN_THROUGHPUT, RouteHop
 
 MAX_MICRO_BATCHES = 8
@@ -84,9 +84,20 @@ class Stage:
     # one row per prompt, after the last chunk) or "last" (the link back: the last position only)
     prefill: str = "rows"
     link: bool = False  # bytes on a wire (or copied inside a machine), not compute
+    # a prompt chunk of n rows costs fixed + chunk.at(n) (the peer's measured prefill line, for all its
+    # blocks); None: the decode curve stands in (a peer that announced none)
+    chunk: Line | None = None
 
     def busy(self, rows: float) -> float:
         return self.fixed + self.seconds * self.curve.factor(rows)
+
+    def chunk_busy(self, rows: float) -> float:
+        """Seconds for a prompt chunk of `rows` token rows."""
+        return self.busy(rows) if self.chunk is None else self.fixed + self.chunk.at(rows)
+
+    def chunk_work(self, rows: float) -> float:
+        """What of that grows with the chunk (beyond a step's fixed costs)."""
+        return self.chunk_busy(rows) - self.fixed
 
 
 @dataclass(frozen=True)
@@ -117,13 +128,13 @@ class PipelineCosts:
         work = {True: 0.0, False: 0.0}
         for stage in self.stages:
             if stage.prefill == "rows":
-                work[stage.link] += stage.busy(chunk_tokens) - stage.fixed
+                work[stage.link] += stage.chunk_work(chunk_tokens)
         return work[True] >= work[False]
 
     def prefill_times(self, chunk_tokens: int) -> PrefillTimes:
         """What a prompt sent in chunks of `chunk_tokens` costs on this route (see PrefillTimes)."""
-        times = [0.0 if stage.prefill == "once" else stage.busy(1 if stage.prefill == "last" else chunk_tokens)
-                 for stage in self.stages]
+        times = [0.0 if stage.prefill == "once" else stage.busy(1) if stage.prefill == "last"
+                 else stage.chunk_busy(chunk_tokens) for stage in self.stages]
         head = sum(stage.busy(1) for stage in self.stages if stage.prefill == "once")
         return PrefillTimes(first=sum(times), bottleneck=self.busiest(times), delays=sum(self.delays), head=head)
 
@@ -153,10 +164,12 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
     hosts = [host_of(hop) for hop in route]
     stages = [Stage("client head", head_seconds, HEAD_CURVE, CLIENT_HOST, STEP_OVERHEAD, prefill="once")]
     for hop, host in zip(route, hosts):
+        blocks = hop.end - hop.start
+        announced = hop.record.prefill_cost  # per block: (fixed, per token), measured by the peer
+        chunk = Line(blocks * announced[0] / compute_speed, blocks * announced[1] / compute_speed) if announced else None
         stages.append(Stage(f"{hop.peer_id[-6:]} [{hop.start}:{hop.end})",
-                            (hop.end - hop.start) / max(hop.record.throughput, MIN_THROUGHPUT) / compute_speed,
-                            BLOCKS_CURVE, host,
-                            STEP_OVERHEAD))
+                            blocks / max(hop.record.throughput, MIN_THROUGHPUT) / compute_speed,
+                            BLOCKS_CURVE, host, STEP_OVERHEAD, chunk=chunk))
     client_rtt = [rtts.get(hop.peer_id, DEFAULT_RTT) for hop in route]
     if relay:  # the client carries every hop both ways
         links = [(CLIENT_HOST, host, rtt / 2) for host, rtt in zip(hosts, client_rtt) for _ in (0, 1)]

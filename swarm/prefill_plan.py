@@ -10,8 +10,8 @@ transmission: the next chunk should arrive as the previous one's compute ends).
 The planner picks the count c that minimises the predicted first-token time (pipeline_cost.PrefillTimes:
 the first chunk's work around the route, then one bottleneck period per further chunk; the delays
 and the head cost every count alike). The prediction starts from what a client knows before it
-sends anything (each hop's announced throughput, measured by the peer; an assumed link rate:
-pipeline_cost.route_costs) and then follows what this client measured on the same route: the
+sends anything (what each hop announced a prompt chunk costs it, fixed + per token, measured by
+the peer: peer/cost_curve.py PrefillCost; an assumed link rate: pipeline_cost.route_costs) and then follows what this client measured on the same route: the
 spacing of a prompt's answers is the time the busiest host or link spends per chunk, without the
 delays in it. Fitted as a line in the chunk's rows over the latest prompts, it replaces the
 predicted bottleneck, and its cost per row against the predicted one gives the links' real speed
@@ -25,12 +25,14 @@ as well or better there in every A/B but one (README).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from molink.peer.cost_curve import Line
 from molink.swarm.pipeline_cost import PipelineCosts
 
 MIN_CHUNK = 16  # tokens: smaller chunks are all fixed costs
@@ -62,22 +64,6 @@ def fixed_chunks(tokens: int) -> list[int]:
     chunks, enough to keep every peer of a 3-hop route busy at once, few enough that each still
     amortises a step's fixed costs (a frame, a scheduling round, a kernel launch)."""
     return even_chunks(tokens, max(1, min(FIXED_MAX_CHUNKS, tokens // FIXED_MIN_CHUNK)))
-
-
-@dataclass
-class Line:
-    """seconds = fixed + per_row x rows (a chunk's tokens x its batch)."""
-
-    fixed: float
-    per_row: float
-
-    def at(self, rows: float) -> float:
-        return self.fixed + self.per_row * rows
-
-    @classmethod
-    def through(cls, times: Callable[[int], float], small: int = 1, large: int = 257) -> Line:
-        per_row = max(0.0, (times(large) - times(small)) / (large - small))
-        return cls(max(0.0, times(small) - per_row * small), per_row)
 
 
 @dataclass
@@ -123,7 +109,10 @@ class PrefillPlanner:
         usual = round(statistics.fmean(r for r, _ in seen.spacings))
         which = "link_speed" if predicted.mostly_links(usual) else "compute_speed"
         costs = self.costs(route, **{which: speed})
-        return Line.through(lambda n: costs.prefill_times(n).first), measured
+        first = Line.through(lambda n: costs.prefill_times(n).first)
+        # a chunk's way around the route passes its bottleneck too: never less than what was measured
+        # there (a scale clamped at MAX_SCALE can leave it below)
+        return Line(max(first.fixed, measured.fixed), max(first.per_row, measured.per_row)), measured
 
     def chunks(self, route: list, tokens: int, batch: int = 1) -> list[int]:
         """The chunk sizes for a prompt of `tokens` (x `batch` rows) on `route` (a list of RouteHops)."""
@@ -149,6 +138,11 @@ class PrefillPlanner:
                       and _spread([usual, batch * math.ceil(tokens / c)])]
             if others:
                 count = min(others, key=predicted.__getitem__)
+        if count == 1 and predicted[2] <= best * (1 + EXPLORE):
+            # a prompt sent whole measures nothing (no answers to space), so a route once planned as
+            # one chunk would stay so, whatever it really is: two chunks, where predicted about as fast
+            count = 2
+        _trace(tokens, batch, predicted, count, first, bottleneck, seen)
         return even_chunks(tokens, count)
 
     def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:
@@ -170,17 +164,34 @@ class PrefillPlanner:
         return self.measured[key]
 
 
+def _trace(tokens: int, batch: int, predicted: dict[int, float], count: int, first: Line, bottleneck: Line,
+           seen: RouteMeasurements | None) -> None:
+    """MOLINK_PREFILL_TRACE=FILE: each plan as a JSON line (benchmarks read why a count was chosen)."""
+    path = os.environ.get("MOLINK_PREFILL_TRACE")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"tokens": tokens, "batch": batch, "count": count, "first": vars(first),
+                                  "bottleneck": vars(bottleneck), "spacings": seen.spacings if seen else [],
+                                  "predicted_ms": {c: round(1000 * t, 2) for c, t in predicted.items()}}) + "\n")
+
+
 def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
-    """A line through (rows, seconds) samples: least squares when their sizes differ enough to
-    tell fixed from per-row costs, else through their mean. Its fixed part is never below the
-    predicted one (a step's overhead per process, and a one-row forward from the decode cost curve:
-    too much for CPU prefill, README): a few noisy spacings, on a busy machine, easily fit a line
-    through zero, and every chunk would then look free."""
-    rows = [r for r, _ in samples]
-    mean_rows, mean_seconds = statistics.fmean(rows), statistics.fmean(s for _, s in samples)
+    """A line through (rows, seconds) samples, each size's median standing for it (one prompt's
+    spacing is itself a median, but of one gap when it went as two chunks: a lost packet's
+    retransmission on a WAN made one 4x its neighbours): least squares when the sizes differ enough to
+    tell fixed from per-row costs, else through the median. Its fixed part is never below the
+    predicted one (a step's overhead per process, and the fixed part of the hop's announced
+    prefill line): a few noisy spacings, on a busy machine, easily fit a line through zero, and
+    every chunk would then look free."""
+    by_size: dict[int, list[float]] = {}
+    for rows, seconds in samples:
+        by_size.setdefault(rows, []).append(seconds)
+    points = [(rows, statistics.median(times)) for rows, times in by_size.items()]
+    sizes = [r for r, _ in points]
+    mean_rows, mean_seconds = statistics.fmean(sizes), statistics.fmean(s for _, s in points)
     fixed = predicted.fixed
-    if _spread(rows):
-        slope = sum((r - mean_rows) * (s - mean_seconds) for r, s in samples) / sum((r - mean_rows) ** 2 for r in rows)
+    if _spread(sizes):
+        slope = sum((r - mean_rows) * (s - mean_seconds) for r, s in points) / sum((r - mean_rows) ** 2 for r in sizes)
         fixed = max(fixed, mean_seconds - max(0.0, slope) * mean_rows)
     fixed = min(fixed, mean_seconds)
     return Line(fixed, (mean_seconds - fixed) / mean_rows)

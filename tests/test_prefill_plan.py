@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from molink.peer.cost_curve import BLOCKS_CURVE
+from molink.peer.cost_curve import BLOCKS_CURVE, Line, PrefillCost
 from molink.swarm.pipeline_cost import HEAD_CURVE, LINEAR, STEP_OVERHEAD, PipelineCosts, Stage
 from molink.swarm.prefill_plan import PrefillPlanner, even_chunks, fixed_chunks
 
@@ -101,6 +101,21 @@ def test_what_cannot_be_a_measurement_is_ignored():
     assert planner.measured.get(("a[0:2)", "b[2:4)", "c[4:6)")) is None
 
 
+def test_one_spacing_far_off_its_neighbours_does_not_move_the_plan():
+    """Seen on the WAN bed: a two-chunk prompt's one gap was 67 ms among 8-15 ms ones (a lost
+    packet's retransmission). Each size's median stands for it, so the next plan stays put."""
+    steady, upset = planner_for(), planner_for()
+    truth = wan_route(rate=1.25e6)
+    for planner in (steady, upset):
+        for _ in range(2):
+            observe_pipeline(planner, truth, 64, chunks=2)
+    upset.observe(ROUTE, [64, 64], started=0.0, answers=[0.1, 0.1674])
+    assert steady.chunks(ROUTE, 1024) == upset.chunks(ROUTE, 1024)
+    first, bottleneck = upset.model(ROUTE)
+    assert abs(bottleneck.at(64) - truth.prefill_times(64).bottleneck) < 1e-4
+    assert first.per_row >= bottleneck.per_row  # a chunk's way around the route includes its bottleneck
+
+
 def test_links_faster_than_assumed_are_measured_and_the_next_prompt_goes_in_fewer_chunks():
     planner = planner_for(rate=1.25e6)
     before = len(planner.chunks(ROUTE, 512))
@@ -154,3 +169,56 @@ def test_peers_slower_than_announced_are_measured_as_compute_and_prompts_go_in_m
     first, _ = planner.model(ROUTE)
     assert first.per_row > 1.5 * planner_for(hop_seconds=0.024, row_bytes=2304).model(ROUTE)[0].per_row
     assert len(planner.chunks(ROUTE, 1024)) >= before
+
+
+# ------------------------------------------------------------------ what peers announce a chunk costs
+
+def test_a_peer_fits_what_its_prompt_chunks_cost_per_token():
+    """PrefillCost: seconds per block = fixed + per_token x tokens, through what the peer ran."""
+    cost = PrefillCost([(32, 0.0010), (128, 0.0022)])  # measured at start: 0.6 ms + 12.5 us/token
+    line = cost.line()
+    assert abs(line.fixed - 0.0006) < 1e-9 and abs(line.per_row - 12.5e-6) < 1e-12
+    for tokens in (64, 256, 512):  # the peer then ran chunks 2x as costly per token (it got busy)
+        cost.observe(tokens, blocks=2, seconds=2 * (0.0006 + 25e-6 * tokens))
+    learned = cost.line()
+    assert 20e-6 < learned.per_row < 30e-6  # what it ran outweighs the two start measures
+    cost.observe(8, blocks=2, seconds=5.0)  # decode-sized forwards say nothing about chunks
+    cost.observe(64, blocks=2, seconds=0.0)
+    assert cost.line() == learned
+    assert PrefillCost().line() is None
+    one_size = PrefillCost()
+    one_size.observe(100, blocks=1, seconds=0.001)
+    assert one_size.line() == Line(0.0, 1e-5)  # one size cannot split fixed from per token: all per token
+    noisy = PrefillCost([(32, 0.0020), (128, 0.0015)])  # a burst of other work slowed the small probe
+    assert noisy.line() == Line(0.0, 0.00175 / 80)  # more tokens never cost less: through zero and the mean
+
+
+def test_a_hop_that_announced_its_prefill_line_is_planned_with_it_not_the_decode_curve():
+    """The decode curve (flat for 8 rows, then +1 per 28) is no prompt chunk's cost: a CPU prefill is
+    nearly linear in tokens. A hop with an announced line costs fixed + its line per chunk."""
+    decode_only = Stage("hop", 0.001, BLOCKS_CURVE, "10.0.0.1", STEP_OVERHEAD)
+    measured = Stage("hop", 0.001, BLOCKS_CURVE, "10.0.0.1", STEP_OVERHEAD, chunk=Line(0.0002, 1e-5))
+    assert decode_only.chunk_busy(256) == decode_only.busy(256)
+    assert measured.chunk_busy(256) == STEP_OVERHEAD + 0.0002 + 256e-5
+    assert measured.busy(1) == decode_only.busy(1)  # decode steps (micro-batches) keep the curve
+    costs = PipelineCosts([measured, Stage("link", 1e-6, LINEAR, None, link=True)], [0.01], {})
+    assert costs.prefill_times(100).first == measured.chunk_busy(100) + 1e-4
+    assert not costs.mostly_links(100)
+
+
+def test_route_costs_read_the_line_from_each_hops_record():
+    from molink.crypto.identity import Identity
+    from molink.dht.records import SpanRecord
+    from molink.swarm.pipeline_cost import route_costs
+    from molink.swarm.routing import RouteHop
+
+    def hop(start, end, prefill_cost):
+        record = SpanRecord.create(Identity.generate(), "a" * 40, start, end, ["/ip4/10.0.0.1/tcp/1"], 1000.0, 100,
+                                   "v", prefill_cost=prefill_cost)
+        return RouteHop(record, start, end)
+
+    costs = route_costs([hop(0, 4, (0.001, 2e-5)), hop(4, 6, None)], hidden_size=64, head_seconds=0.0001, rtts={},
+                        compute_speed=2.0)
+    announced, silent = costs.stages[1], costs.stages[2]
+    assert announced.chunk == Line(4 * 0.001 / 2, 4 * 2e-5 / 2)  # the hop's blocks, at the speed asked
+    assert silent.chunk is None and silent.chunk_busy(64) == silent.busy(64)

@@ -163,6 +163,9 @@ def test_wrong_model_or_peer_for_key() -> None:
     {"next_rtts": {BOB: -0.1}}, {"next_rtts": {BOB: 60.0}}, {"next_rtts": {"": 0.1}},
     {"next_rtts": {"0OIl": 0.1}}, {"next_rtts": {"z" * 65: 0.1}}, {"next_rtts": {BOB.encode(): 0.1}},
     {"next_rtts": {ALICE.peer_id.to_base58(): 0.1}},  # its own id: not a next hop
+    # prefill_cost: empty or (fixed, per_token) finite seconds in [0, 60]
+    {"prefill_cost": [float("nan"), 1e-5]}, {"prefill_cost": [0.001, float("inf")]}, {"prefill_cost": [-0.1, 1e-5]},
+    {"prefill_cost": [0.001, 61.0]}, {"prefill_cost": [0.001]}, {"prefill_cost": [0.001, 1e-5, 1.0]},
 ])
 def test_out_of_range_values(overrides) -> None:
     d = dict(make().to_dict(), **overrides)
@@ -187,6 +190,9 @@ def test_out_of_range_values(overrides) -> None:
     lambda d: d.update(next_rtts={BOB: 1}),  # ints are not floats on the wire
     lambda d: d.update(next_rtts={BOB: "0.1"}),
     lambda d: d.update(next_rtts={BOB: [0.1]}),
+    lambda d: d.update(prefill_cost={"fixed": 0.001}),
+    lambda d: d.update(prefill_cost=[1, 2]),  # ints are not floats on the wire
+    lambda d: d.update(prefill_cost=["0.001", "1e-5"]),
 ])
 def test_wrong_types(mutate) -> None:
     d = make().to_dict()
@@ -220,6 +226,18 @@ def test_next_rtts_and_sessions_round_trip() -> None:
         make(next_rtts=((BOB, 0.1), (BOB, 0.2))).sign(ALICE)
     with pytest.raises(MalformedRecord):  # a withdrawal carries no load or rtts
         replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), next_rtts={BOB: 0.1}).sign(ALICE)
+
+
+def test_prefill_cost_round_trips_and_records_from_before_it_still_read() -> None:
+    record = make(prefill_cost=(0.0012, 3.5e-5))
+    decoded = decode_and_verify(record.sign(ALICE))
+    assert decoded == record and decoded.prefill_cost == (0.0012, 3.5e-5) and hash(decoded) == hash(record)
+    assert make().prefill_cost == ()  # unknown: the client plans with the decode curve
+    old = make().to_dict()
+    del old["prefill_cost"]  # signed by a peer of the previous schema
+    assert decode_and_verify(envelope_of(old, sign_record(ALICE, ANNOUNCE_KIND, old))).prefill_cost == ()
+    with pytest.raises(MalformedRecord):  # a withdrawal carries no costs
+        replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), prefill_cost=(0.1, 0.1)).sign(ALICE)
 
 
 def test_highest_seq_selected() -> None:
@@ -348,7 +366,7 @@ def test_record_at_every_cap_fits_the_size_limit() -> None:
     rtts = {"z" * 60 + f"{i:04d}".translate(str.maketrans("0", "o")): 59.9 for i in range(MAX_NEXT_RTTS)}
     assert all(len(peer) == 64 for peer in rtts)
     record = SpanRecord.create(ALICE, "f" * 40, 65535, 65536, [addr] * 16, 1e12, 1 << 40, "v" * 64,
-                               sessions=1 << 20, next_rtts=rtts)
+                               sessions=1 << 20, next_rtts=rtts, prefill_cost=(59.9, 59.9))
     data = record.sign(ALICE)
     assert len(data) <= MAX_RECORD_BYTES
     assert decode_and_verify(data) == record

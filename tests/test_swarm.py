@@ -289,7 +289,8 @@ def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_l
     100 kB/s, it hides their bytes behind many small chunks (8 or more, where the route-blind rule
     sends 4); the tokens stay transformers'. What the steps really took on this route (loopback:
     far faster than such links) is measured, and the next prompt's plan follows it: the links are
-    taken to be far faster, and the work per row around the route with them."""
+    taken to be far faster, and the work per row around the route with them. The peers' compute
+    comes from their records: each announces what its prompt chunks cost."""
     monkeypatch.setenv("MOLINK_PREFILL_CHUNKS", "planned")
     model = client(False)
     planner, assumed = model.prefill_planner, model.link_rate
@@ -304,6 +305,8 @@ def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_l
         chunks = [hidden.shape[1] for hidden, _ in model.last_chain.history if hidden.shape[1] > 1]
         assert len(chunks) >= 8 and sum(chunks) == 300 and max(chunks) - min(chunks) <= 1
         assert planner.measured[prefill_plan._key(routes[0])].prompts == 1
+        # every hop announced what its prompt chunks cost (measured at start): fixed + per token, per block
+        assert all(len(hop.record.prefill_cost) == 2 and hop.record.prefill_cost[1] > 0 for hop in routes[0]), [hop.record for hop in routes[0]]
         # the answers' spacing, per row: a small fraction of what 100 kB/s links would take (2.56 ms);
         # so the links are taken to be much faster, and the work per row around the route with them
         first, bottleneck = planner.model(routes[0])
