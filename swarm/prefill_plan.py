@@ -96,11 +96,18 @@ class PrefillPlanner:
         the route really is than predicted, and what is off is taken to be what carries most of a
         chunk's work: the links (the client assumed their rate) or the peers' compute (announced).
         The route's work is predicted again with all links, or all peers, that much faster or slower."""
+        first, _, bottleneck = self._lines(route)
+        return first, bottleneck
+
+    def _lines(self, route: list) -> tuple[Line, Line, Line]:
+        """model()'s lines, and a prompt's work around the route when it goes whole (nothing else
+        on the route meanwhile: no machine shared with its later chunks)."""
         predicted = self.costs(route)
         bottleneck = Line.through(lambda n: predicted.prefill_times(n).bottleneck)
         seen = self.measured.get(_key(route))
         if seen is None or not seen.spacings:
-            return Line.through(lambda n: predicted.prefill_times(n).first), bottleneck
+            return (Line.through(lambda n: predicted.prefill_times(n).first),
+                    Line.through(lambda n: predicted.prefill_times(n).alone), bottleneck)
         measured = _fit(seen.spacings, bottleneck)
         if measured.per_row > 0 and bottleneck.per_row > 0:
             speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
@@ -112,19 +119,21 @@ class PrefillPlanner:
         first = Line.through(lambda n: costs.prefill_times(n).first)
         # a chunk's way around the route passes its bottleneck too: never less than what was measured
         # there (a scale clamped at MAX_SCALE can leave it below)
-        return Line(max(first.fixed, measured.fixed), max(first.per_row, measured.per_row)), measured
+        first = Line(max(first.fixed, measured.fixed), max(first.per_row, measured.per_row))
+        return first, Line.through(lambda n: costs.prefill_times(n).alone), measured
 
     def chunks(self, route: list, tokens: int, batch: int = 1) -> list[int]:
         """The chunk sizes for a prompt of `tokens` (x `batch` rows) on `route` (a list of RouteHops)."""
         most = max(1, min(MAX_CHUNKS, tokens // MIN_CHUNK))
         if most == 1:
             return [tokens]
-        first, bottleneck = self.model(route)
+        first, alone, bottleneck = self._lines(route)
         alike = self.costs(route).prefill_times(1)  # what every count costs alike: only for NEAR_BEST
 
         def ttft(count: int) -> float:
             rows = batch * math.ceil(tokens / count)
-            return first.at(rows) + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
+            around = alone.at(rows) if count == 1 else first.at(rows)
+            return around + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
 
         predicted = {count: ttft(count) for count in range(1, most + 1)}
         best = min(predicted.values())

@@ -4,7 +4,7 @@ more chunks, exact, and what its steps took learned)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from molink.peer.cost_curve import BLOCKS_CURVE, Line, PrefillCost
 from molink.swarm.pipeline_cost import HEAD_CURVE, LINEAR, STEP_OVERHEAD, PipelineCosts, Stage
@@ -222,3 +222,17 @@ def test_route_costs_read_the_line_from_each_hops_record():
     announced, silent = costs.stages[1], costs.stages[2]
     assert announced.chunk == Line(4 * 0.001 / 2, 4 * 2e-5 / 2)  # the hop's blocks, at the speed asked
     assert silent.chunk is None and silent.chunk_busy(64) == silent.busy(64)
+
+
+def test_a_chunk_sharing_a_machine_with_the_chunks_behind_it_goes_slower_than_alone():
+    """3 peers on a 2-core machine (the client's, on loopback): while the first chunk goes around,
+    later chunks keep the other peers busy on the same cores, so each of its stages runs 1.5x slower;
+    a prompt sent whole has the machine to itself."""
+    stages = [Stage("head", 0.0002, HEAD_CURVE, "client", STEP_OVERHEAD, prefill="once")]
+    stages += [Stage(f"hop {i}", 0.001, BLOCKS_CURVE, "client", STEP_OVERHEAD, chunk=Line(0.001, 1e-5))
+               for i in range(3)]
+    shared = PipelineCosts(stages, [0.00025] * 4, {"client": 2})
+    apart = PipelineCosts([replace(s, host=f"10.0.0.{i}") for i, s in enumerate(stages)], [0.00025] * 4, {})
+    times = shared.prefill_times(100)
+    assert abs(times.first - 1.5 * times.alone) < 1e-12
+    assert apart.prefill_times(100).first == apart.prefill_times(100).alone == times.alone
