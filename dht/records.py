@@ -53,6 +53,8 @@ MAX_NEXT_RTTS = 16  # peers a record may report round trips to (its successors i
 MAX_RTT = 60.0  # seconds; anything slower is a broken path, not a delay worth routing around
 MAX_SESSIONS = 1 << 20
 REACHABILITY_VALUES = ("public", "private", "unknown")
+MAX_MACHINE_CORES = 1 << 16
+_MACHINE_RE = re.compile(r"^([0-9a-f]{16})?$")  # peer/machine.py: 64-bit keyed hash, or "" (unknown)
 MAX_PREFILL_SECONDS = 60.0  # per block: a chunk slower than this is a broken peer, not a cost to plan with
 
 _MODEL_KEY_RE = re.compile(rf"^[0-9a-f]{{{MODEL_KEY_HEX_CHARS}}}$")
@@ -124,6 +126,8 @@ class SpanRecord:
     prefill_cost: (fixed, per_token) seconds per block of a prompt chunk of n tokens (fixed +
     per_token x n), fitted by the peer to the chunks it ran (peer/cost_curve.py PrefillCost); empty
     when unknown. A client sizes a prompt's chunks with it (swarm/prefill_plan.py).
+    machine, machine_cores: an opaque id of the machine (and device) the peer computes on, and how
+    many forwards it runs side by side (peer/machine.py): peers with one id compete for its cores.
     """
 
     model_key: str
@@ -141,6 +145,8 @@ class SpanRecord:
     next_rtts: tuple[tuple[str, float], ...] = ()
     reachability: str = "unknown"  # dht/reachability.py: public | private (announces relayed addrs) | unknown
     prefill_cost: tuple[float, ...] = ()
+    machine: str = ""
+    machine_cores: int = 0
 
     def __post_init__(self) -> None:
         # Callers may pass a list; keep the frozen record immutable (and comparable) throughout.
@@ -177,6 +183,8 @@ class SpanRecord:
         next_rtts: dict[str, float] | None = None,
         reachability: str = "unknown",
         prefill_cost: tuple[float, float] | None = None,
+        machine: str = "",
+        machine_cores: int = 0,
     ) -> "SpanRecord":
         now = time.time() if now is None else now
         record = cls(
@@ -195,6 +203,8 @@ class SpanRecord:
             next_rtts=tuple((next_rtts or {}).items()),
             reachability=reachability,
             prefill_cost=tuple(float(x) for x in prefill_cost) if prefill_cost else (),
+            machine=machine,
+            machine_cores=machine_cores,
         )
         record.check_fields()
         return record
@@ -235,7 +245,7 @@ class SpanRecord:
     @classmethod
     def from_dict(cls, d: Any) -> "SpanRecord":
         """Build from decoded msgpack, checking the exact field set, types and bounds."""
-        # Records signed before `reachability` / `prefill_cost` existed lack them (unknown, empty).
+        # Records signed before `reachability` (or the costs and machine) existed lack them (unknown, empty).
         if not isinstance(d, dict) or set(d) not in _ACCEPTED_FIELD_SETS:
             raise MalformedRecord("record must be a map with exactly the span record fields")
         for name, types in _FIELD_TYPES.items():
@@ -298,8 +308,12 @@ class SpanRecord:
         if self.prefill_cost and not (len(self.prefill_cost) == 2 and all(
                 isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= MAX_PREFILL_SECONDS for x in self.prefill_cost)):
             raise MalformedRecord(f"prefill_cost must be (fixed, per_token) seconds in [0, {MAX_PREFILL_SECONDS:.0f}]")
-        if self.is_withdrawal and self.prefill_cost:
-            raise MalformedRecord("a withdrawal carries no costs")
+        if self.is_withdrawal and (self.prefill_cost or self.machine or self.machine_cores):
+            raise MalformedRecord("a withdrawal carries no costs or machine")
+        if not (isinstance(self.machine, str) and _MACHINE_RE.match(self.machine)):
+            raise MalformedRecord("machine must be 16 lowercase hex characters or empty")
+        if not (type(self.machine_cores) is int and 0 <= self.machine_cores <= MAX_MACHINE_CORES):
+            raise MalformedRecord("machine_cores out of range")
         if self.reachability not in REACHABILITY_VALUES:
             raise MalformedRecord(f"reachability must be one of {REACHABILITY_VALUES}")
         if not _VERSION_RE.match(self.version):
@@ -330,8 +344,10 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_key": str, "peer_id": str, "public_key": bytes, "start": int, "end": int,
     "addrs": list, "throughput": float, "free_cache_tokens": int, "version": str, "seq": int,
     "expires_at": float, "sessions": int, "next_rtts": dict, "reachability": str, "prefill_cost": list,
+    "machine": str, "machine_cores": int,
 }
-_ACCEPTED_FIELD_SETS = (_FIELD_NAMES, _FIELD_NAMES - {"prefill_cost"}, _FIELD_NAMES - {"reachability", "prefill_cost"})
+_COSTS_AND_MACHINE = frozenset({"prefill_cost", "machine", "machine_cores"})  # added together: older records lack all three
+_ACCEPTED_FIELD_SETS = (_FIELD_NAMES, _FIELD_NAMES - _COSTS_AND_MACHINE, _FIELD_NAMES - _COSTS_AND_MACHINE - {"reachability"})
 
 
 def encode_envelope(record_dict: dict[str, Any], sig: bytes) -> bytes:

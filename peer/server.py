@@ -32,6 +32,7 @@ from molink.peer import protocol as p
 from molink.peer.bootstrap_node import SIGNALS, write_ready_file
 from molink.peer.cost_curve import Line, PrefillCost, measure_prefill
 from molink.peer.handler import InferenceHandler
+from molink.peer.machine import device_name, machine_cores, machine_id
 from molink.peer.memory_cache import SessionRegistry
 from molink.peer.model_key import model_key_for
 from molink.peer.neighbours import NeighbourProber, probe_interval_from_env
@@ -162,7 +163,9 @@ class PeerServer:
                                  sessions=len(self.registry),
                                  next_rtts=self.neighbours.published() if self.neighbours else None,
                                  reachability=self.nat.status if self.nat is not None else "unknown",
-                                 prefill_cost=_announced(self.handler.prefill_cost.line()))
+                                 prefill_cost=_announced(self.handler.prefill_cost.line()),
+                                 machine=machine_id(self.model_key, device_name(self.config.device)),
+                                 machine_cores=machine_cores(self.config.device))
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with running_host(self.config.identity.keypair, self.config.listen,

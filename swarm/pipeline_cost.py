@@ -22,11 +22,12 @@ curve closer to real decode steps: flat for the first rows (a step reads every w
 whatever its rows), then growing (on a CPU, 32 rows cost ~1.9x one row). Where costs are flat
 in rows, splitting gains nothing and k = 1.
 
-Stages on one machine share it: a resource in the period is a host (the client's head with every
-peer on loopback, each other address's peers together) or a link between hosts, and a host is
-busy for max(its longest stage, the sum of its stages / its cores) (links inside it count as its
-work; a remote host is assumed to have a device per peer, the client's machine os.cpu_count()
-cores). Measured with 3 SmolLM2 peers + the client on 2 cores, 32 rows in one call: 267-315 ms
+Stages on one machine share it: a resource in the period is a machine (the client's, with every
+peer on loopback or naming it; the machine a peer's record names, shared by every peer naming it,
+whatever their addresses; else each other address's peers together) or a link between addresses,
+and a machine is busy for max(its longest stage, the sum of its stages / its cores) (links inside
+one address count as its work; cores: what the records announce, else a device per peer; the
+client's machine os.cpu_count()). Measured with 3 SmolLM2 peers + the client on 2 cores, 32 rows in one call: 267-315 ms
 per step whole, 218-226 in 2 micro-batches, 260-290 in 3 or 4 (load ~2); but 359 / 532 / 650 ms
 for 1 / 2 / 3 while other jobs kept the load at ~5: the cores we count were not free. The
 model being rough (it undercounts what an extra session costs per step), we split only for a
@@ -46,6 +47,7 @@ import os
 from dataclasses import dataclass, field
 
 from molink.peer.cost_curve import BLOCKS_CURVE, CostCurve, Line
+from molink.peer.machine import machine_id
 from molink.swarm.routing import DEFAULT_RTT, MIN_THROUGHPUT, RouteHop
 
 MAX_MICRO_BATCHES = 8
@@ -131,19 +133,24 @@ class PipelineCosts:
                 work[stage.link] += stage.chunk_work(chunk_tokens)
         return work[True] >= work[False]
 
-    def prefill_times(self, chunk_tokens: int) -> PrefillTimes:
-        """What a prompt sent in chunks of `chunk_tokens` costs on this route (see PrefillTimes)."""
+    def prefill_times(self, chunk_tokens: int, chunks: int = 2) -> PrefillTimes:
+        """What a prompt sent as `chunks` chunks of `chunk_tokens` costs on this route (PrefillTimes)."""
         times = [0.0 if stage.prefill == "once" else stage.busy(1) if stage.prefill == "last"
                  else stage.chunk_busy(chunk_tokens) for stage in self.stages]
         head = sum(stage.busy(1) for stage in self.stages if stage.prefill == "once")
-        return PrefillTimes(first=self._contended(times), bottleneck=self.busiest(times), delays=sum(self.delays),
-                            head=head, alone=sum(times))
+        return PrefillTimes(first=self._contended(times, chunks), bottleneck=self.busiest(times),
+                            delays=sum(self.delays), head=head)
 
-    def _contended(self, times: list[float]) -> float:
-        """One chunk's way around the route while later chunks keep the route busy: a machine whose
-        compute stages outnumber its cores runs each of them that much slower meanwhile (3 peers on
-        2 cores: 1.5x; measured on loopback with SmolLM2, 1024 tokens: the first of 8 chunks came
-        back after ~550 ms where its stages' sum is ~370)."""
+    def _contended(self, times: list[float], chunks: int) -> float:
+        """One chunk's way around the route while the chunks behind it keep the route busy: a machine
+        whose compute stages outnumber its cores runs each of them that much slower meanwhile (3
+        peers on 2 cores: 1.5x; measured on loopback, SmolLM2, 1024 tokens in 8: the first back after
+        ~550 ms where its stages sum to ~370). A prompt sent whole has the machines to itself.
+        (Counting only the stages c chunks can keep busy at once, min(c, stages), made 2 chunks look
+        free of contention and 3 not: on loopback it then sent 1024-token prompts in 2 chunks, 25 %
+        slower than in 8.)"""
+        if chunks <= 1:
+            return sum(times)
         on_host: dict[object, list[tuple[Stage, float]]] = {}
         for index, (stage, seconds) in enumerate(zip(self.stages, times)):
             on_host.setdefault(stage.host if stage.host is not None else index, []).append((stage, seconds))
@@ -158,16 +165,15 @@ class PipelineCosts:
 @dataclass(frozen=True)
 class PrefillTimes:
     """A prompt in c chunks of n tokens, sent back to back: the first chunk's answer comes back after
-    `first` (every stage's work on one chunk, slowed where later chunks share a machine with it) +
-    `delays`; each later one `bottleneck` after the one before (the busiest host or link sets the
-    pace of a full pipeline); the head runs once at the end. So the first token takes first +
-    delays + (c - 1) x bottleneck + head; a prompt sent whole, `alone` (nothing shares) + delays + head."""
+    `first` (every stage's work on one chunk, slowed where the chunks behind it share a machine with
+    it) + `delays`; each later one `bottleneck` after the one before (the busiest host or link sets
+    the pace of a full pipeline); the head runs once at the end. So the first token takes first +
+    delays + (c - 1) x bottleneck + head."""
 
     first: float
     bottleneck: float
     delays: float
     head: float
-    alone: float = 0.0
 
 
 LINEAR = CostCurve(free_rows=1, rows_per_extra=1)  # b rows cost b x one row (a link's bytes)
@@ -179,9 +185,14 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
     """The stages of a route (see the module doc). head_seconds: the client head for one row;
     client_cores: cores of the client's machine (default: all of this one's), shared with loopback peers;
     compute_speed: the hops compute this many times as fast as they announce."""
-    hosts = [host_of(hop) for hop in route]
+    hosts = [host_of(hop) for hop in route]  # by address: which links cross a wire
+    machines = [machine_of(hop, host) for hop, host in zip(route, hosts)]  # by machine: who shares cores
+    cores = {CLIENT_HOST: client_cores or os.cpu_count() or 1}
+    for hop, machine in zip(route, machines):
+        if machine != CLIENT_HOST and hop.record.machine_cores:
+            cores[machine] = hop.record.machine_cores
     stages = [Stage("client head", head_seconds, HEAD_CURVE, CLIENT_HOST, STEP_OVERHEAD, prefill="once")]
-    for hop, host in zip(route, hosts):
+    for hop, host in zip(route, machines):
         blocks = hop.end - hop.start
         announced = hop.record.prefill_cost  # per block: (fixed, per token), measured by the peer
         chunk = Line(blocks * announced[0] / compute_speed, blocks * announced[1] / compute_speed) if announced else None
@@ -199,14 +210,26 @@ def route_costs(route: list[RouteHop], *, hidden_size: int, head_seconds: float,
         links.append((hosts[-1], CLIENT_HOST, client_rtt[-1] / 2))
     row_bytes = hidden_size * bytes_per_value
     delays = []
+    machine_at = dict(zip(hosts, machines)) | {CLIENT_HOST: CLIENT_HOST}
     for i, (a, b, delay) in enumerate(links):
         # Inside one machine there is no wire: its bytes are that machine's work (copies), and what a
         # heartbeat measures there is the machine's own busyness, already counted as its stages' work.
         delays.append(LOOPBACK_RTT / 2 if a == b else delay)
         answer = not relay and i == len(links) - 1  # the last hop answers a prompt chunk with its last position
-        stages.append(Stage(f"link {i}", row_bytes / link_rate, LINEAR, a if a == b else None,
+        stages.append(Stage(f"link {i}", row_bytes / link_rate, LINEAR, machine_at[a] if a == b else None,
                             prefill="last" if answer else "rows", link=True))
-    return PipelineCosts(stages, delays, {CLIENT_HOST: client_cores or os.cpu_count() or 1})
+    return PipelineCosts(stages, delays, cores)
+
+
+def machine_of(hop: RouteHop, host: str) -> str:
+    """The machine whose cores a hop computes on: the one its record names (peers naming one share
+    it, whatever their addresses: separate network namespaces of one box), this client's own when it
+    names ours; else its host by address."""
+    if not hop.record.machine:
+        return host
+    if hop.record.machine == machine_id(hop.record.model_key, "cpu"):
+        return CLIENT_HOST
+    return f"machine {hop.record.machine}"
 
 
 def host_of(hop: RouteHop) -> str:

@@ -96,18 +96,17 @@ class PrefillPlanner:
         the route really is than predicted, and what is off is taken to be what carries most of a
         chunk's work: the links (the client assumed their rate) or the peers' compute (announced).
         The route's work is predicted again with all links, or all peers, that much faster or slower."""
-        first, _, bottleneck = self._lines(route)
-        return first, bottleneck
+        first, bottleneck = self._lines(route)
+        return first(MAX_CHUNKS), bottleneck
 
-    def _lines(self, route: list) -> tuple[Line, Line, Line]:
-        """model()'s lines, and a prompt's work around the route when it goes whole (nothing else
-        on the route meanwhile: no machine shared with its later chunks)."""
+    def _lines(self, route: list) -> tuple[Callable[[int], Line], Line]:
+        """model()'s lines, the first one for a prompt in a given number of chunks (the machines a
+        chunk shares with the chunks behind it slow it down: PipelineCosts.prefill_times)."""
         predicted = self.costs(route)
         bottleneck = Line.through(lambda n: predicted.prefill_times(n).bottleneck)
         seen = self.measured.get(_key(route))
         if seen is None or not seen.spacings:
-            return (Line.through(lambda n: predicted.prefill_times(n).first),
-                    Line.through(lambda n: predicted.prefill_times(n).alone), bottleneck)
+            return (lambda count: Line.through(lambda n: predicted.prefill_times(n, count).first)), bottleneck
         measured = _fit(seen.spacings, bottleneck)
         if measured.per_row > 0 and bottleneck.per_row > 0:
             speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
@@ -116,24 +115,28 @@ class PrefillPlanner:
         usual = round(statistics.fmean(r for r, _ in seen.spacings))
         which = "link_speed" if predicted.mostly_links(usual) else "compute_speed"
         costs = self.costs(route, **{which: speed})
-        first = Line.through(lambda n: costs.prefill_times(n).first)
-        # a chunk's way around the route passes its bottleneck too: never less than what was measured
-        # there (a scale clamped at MAX_SCALE can leave it below)
-        first = Line(max(first.fixed, measured.fixed), max(first.per_row, measured.per_row))
-        return first, Line.through(lambda n: costs.prefill_times(n).alone), measured
+
+        def first(count: int) -> Line:
+            line = Line.through(lambda n: costs.prefill_times(n, count).first)
+            if count == 1:
+                return line
+            # a chunk's way around the route passes its bottleneck too: never less than what was
+            # measured there (a scale clamped at MAX_SCALE can leave it below)
+            return Line(max(line.fixed, measured.fixed), max(line.per_row, measured.per_row))
+
+        return first, measured
 
     def chunks(self, route: list, tokens: int, batch: int = 1) -> list[int]:
         """The chunk sizes for a prompt of `tokens` (x `batch` rows) on `route` (a list of RouteHops)."""
         most = max(1, min(MAX_CHUNKS, tokens // MIN_CHUNK))
         if most == 1:
             return [tokens]
-        first, alone, bottleneck = self._lines(route)
+        first, bottleneck = self._lines(route)
         alike = self.costs(route).prefill_times(1)  # what every count costs alike: only for NEAR_BEST
 
         def ttft(count: int) -> float:
             rows = batch * math.ceil(tokens / count)
-            around = alone.at(rows) if count == 1 else first.at(rows)
-            return around + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
+            return first(count).at(rows) + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
 
         predicted = {count: ttft(count) for count in range(1, most + 1)}
         best = min(predicted.values())
@@ -151,7 +154,7 @@ class PrefillPlanner:
             # a prompt sent whole measures nothing (no answers to space), so a route once planned as
             # one chunk would stay so, whatever it really is: two chunks, where predicted about as fast
             count = 2
-        _trace(tokens, batch, predicted, count, first, bottleneck, seen)
+        _trace(tokens, batch, predicted, count, first(count), bottleneck, seen)
         return even_chunks(tokens, count)
 
     def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:

@@ -233,6 +233,41 @@ def test_a_chunk_sharing_a_machine_with_the_chunks_behind_it_goes_slower_than_al
                for i in range(3)]
     shared = PipelineCosts(stages, [0.00025] * 4, {"client": 2})
     apart = PipelineCosts([replace(s, host=f"10.0.0.{i}") for i, s in enumerate(stages)], [0.00025] * 4, {})
-    times = shared.prefill_times(100)
-    assert abs(times.first - 1.5 * times.alone) < 1e-12
-    assert apart.prefill_times(100).first == apart.prefill_times(100).alone == times.alone
+    alone = shared.prefill_times(100, chunks=1).first
+    assert abs(shared.prefill_times(100, chunks=2).first - 1.5 * alone) < 1e-12
+    assert apart.prefill_times(100, chunks=8).first == apart.prefill_times(100, chunks=1).first == alone
+
+
+def test_peers_naming_one_machine_share_its_cores_and_ours_is_the_clients():
+    """Records name the machine a peer computes on (peer/machine.py): peers naming one compete for
+    its announced cores whatever their addresses (network namespaces of one box), a peer naming the
+    client's own shares the client's, and links between different addresses still cross a wire."""
+    from molink.crypto.identity import Identity
+    from molink.dht.records import SpanRecord
+    from molink.peer.machine import machine_id
+    from molink.swarm.pipeline_cost import CLIENT_HOST, route_costs
+    from molink.swarm.routing import RouteHop
+
+    from molink.peer.machine import device_name, machine_cores
+
+    model = "a" * 40
+    assert machine_id(model, "cpu") == machine_id(model, "cpu") != machine_id("b" * 40, "cpu")  # per swarm
+    assert machine_id(model, "cuda:0") != machine_id(model, "cuda:1") != machine_id(model, "cpu")  # per device
+    assert device_name("cuda") == "cuda:0" and device_name("cpu") == "cpu"
+    assert machine_cores("cuda:1") == 1 and machine_cores("cpu") >= 1
+
+    def hop(start, end, ip, machine="", cores=0):
+        record = SpanRecord.create(Identity.generate(), model, start, end, [f"/ip4/{ip}/tcp/1"], 1000.0, 100, "v",
+                                   prefill_cost=(0.001, 1e-5), machine=machine, machine_cores=cores)
+        return RouteHop(record, start, end)
+
+    box = "0123456789abcdef"
+    costs = route_costs([hop(0, 2, "10.0.0.1", box, 4), hop(2, 4, "10.0.0.2", box, 4), hop(4, 6, "10.0.0.3")],
+                        hidden_size=64, head_seconds=0.0001, rtts={}, client_cores=2)
+    hops = costs.stages[1:4]
+    assert hops[0].host == hops[1].host == f"machine {box}" != hops[2].host == "10.0.0.3"
+    assert costs.cores[f"machine {box}"] == 4
+    assert all(stage.host is None for stage in costs.stages[4:])  # every link crosses a wire
+    ours = route_costs([hop(0, 6, "10.0.0.1", machine_id(model, "cpu"), 8)], hidden_size=64, head_seconds=0.0001,
+                       rtts={}, client_cores=2)
+    assert ours.stages[1].host == CLIENT_HOST and ours.cores[CLIENT_HOST] == 2  # the client's own count

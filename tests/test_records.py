@@ -166,6 +166,9 @@ def test_wrong_model_or_peer_for_key() -> None:
     # prefill_cost: empty or (fixed, per_token) finite seconds in [0, 60]
     {"prefill_cost": [float("nan"), 1e-5]}, {"prefill_cost": [0.001, float("inf")]}, {"prefill_cost": [-0.1, 1e-5]},
     {"prefill_cost": [0.001, 61.0]}, {"prefill_cost": [0.001]}, {"prefill_cost": [0.001, 1e-5, 1.0]},
+    # machine: "" or 16 lowercase hex; machine_cores: 0 (unknown) to 65536
+    {"machine": "0123456789ABCDEF"}, {"machine": "0" * 15}, {"machine": "0" * 17}, {"machine": "g" * 16},
+    {"machine_cores": -1}, {"machine_cores": (1 << 16) + 1},
 ])
 def test_out_of_range_values(overrides) -> None:
     d = dict(make().to_dict(), **overrides)
@@ -193,6 +196,9 @@ def test_out_of_range_values(overrides) -> None:
     lambda d: d.update(prefill_cost={"fixed": 0.001}),
     lambda d: d.update(prefill_cost=[1, 2]),  # ints are not floats on the wire
     lambda d: d.update(prefill_cost=["0.001", "1e-5"]),
+    lambda d: d.update(machine=b"0123456789abcdef"),
+    lambda d: d.update(machine_cores=2.0),
+    lambda d: d.update(machine_cores=True),
 ])
 def test_wrong_types(mutate) -> None:
     d = make().to_dict()
@@ -228,16 +234,23 @@ def test_next_rtts_and_sessions_round_trip() -> None:
         replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), next_rtts={BOB: 0.1}).sign(ALICE)
 
 
-def test_prefill_cost_round_trips_and_records_from_before_it_still_read() -> None:
-    record = make(prefill_cost=(0.0012, 3.5e-5))
+def test_prefill_cost_and_machine_round_trip_and_records_from_before_them_still_read() -> None:
+    record = make(prefill_cost=(0.0012, 3.5e-5), machine="0123456789abcdef", machine_cores=8)
     decoded = decode_and_verify(record.sign(ALICE))
     assert decoded == record and decoded.prefill_cost == (0.0012, 3.5e-5) and hash(decoded) == hash(record)
-    assert make().prefill_cost == ()  # unknown: the client plans with the decode curve
+    assert (decoded.machine, decoded.machine_cores) == ("0123456789abcdef", 8)
+    assert (make().prefill_cost, make().machine, make().machine_cores) == ((), "", 0)  # unknown
     old = make().to_dict()
-    del old["prefill_cost"]  # signed by a peer of the previous schema
+    for field in ("prefill_cost", "machine", "machine_cores"):
+        del old[field]  # signed by a peer of the previous schema
     assert decode_and_verify(envelope_of(old, sign_record(ALICE, ANNOUNCE_KIND, old))).prefill_cost == ()
-    with pytest.raises(MalformedRecord):  # a withdrawal carries no costs
-        replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), prefill_cost=(0.1, 0.1)).sign(ALICE)
+    for extra in ({"prefill_cost": [0.1, 0.1]}, {"machine": "0123456789abcdef"}):  # half a schema: refused
+        half = dict(old, **extra)
+        with pytest.raises(MalformedRecord):
+            decode_and_verify(envelope_of(half, sign_record(ALICE, ANNOUNCE_KIND, half)))
+    for change in ({"prefill_cost": (0.1, 0.1)}, {"machine": "0123456789abcdef"}, {"machine_cores": 2}):
+        with pytest.raises(MalformedRecord):  # a withdrawal carries no costs or machine
+            replace(SpanRecord.withdrawal(ALICE, MODEL, "0.1.0"), **change).sign(ALICE)
 
 
 def test_highest_seq_selected() -> None:
@@ -366,7 +379,8 @@ def test_record_at_every_cap_fits_the_size_limit() -> None:
     rtts = {"z" * 60 + f"{i:04d}".translate(str.maketrans("0", "o")): 59.9 for i in range(MAX_NEXT_RTTS)}
     assert all(len(peer) == 64 for peer in rtts)
     record = SpanRecord.create(ALICE, "f" * 40, 65535, 65536, [addr] * 16, 1e12, 1 << 40, "v" * 64,
-                               sessions=1 << 20, next_rtts=rtts, prefill_cost=(59.9, 59.9))
+                               sessions=1 << 20, next_rtts=rtts, prefill_cost=(59.9, 59.9), machine="f" * 16,
+                               machine_cores=1 << 16)
     data = record.sign(ALICE)
     assert len(data) <= MAX_RECORD_BYTES
     assert decode_and_verify(data) == record

@@ -25,6 +25,7 @@ from molink.dht.host import connect_peer, running_host
 from molink.dht.streams import STREAM_ERRORS, dial_framed
 from molink.dht.wire import Frame, decode_tensor, encode_tensor
 from molink.peer import protocol as p
+from molink.peer.machine import machine_id
 from molink.peer.model_key import model_key_for
 from molink.peer.span import SpanModel
 from molink.swarm import DistributedModelForCausalLM
@@ -290,7 +291,7 @@ def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_l
     sends 4); the tokens stay transformers'. What the steps really took on this route (loopback:
     far faster than such links) is measured, and the next prompt's plan follows it: the links are
     taken to be far faster, and the work per row around the route with them. The peers' compute
-    comes from their records: each announces what its prompt chunks cost."""
+    comes from their records: each announces what its prompt chunks cost, and on which machine."""
     monkeypatch.setenv("MOLINK_PREFILL_CHUNKS", "planned")
     model = client(False)
     planner, assumed = model.prefill_planner, model.link_rate
@@ -307,6 +308,9 @@ def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_l
         assert planner.measured[prefill_plan._key(routes[0])].prompts == 1
         # every hop announced what its prompt chunks cost (measured at start): fixed + per token, per block
         assert all(len(hop.record.prefill_cost) == 2 and hop.record.prefill_cost[1] > 0 for hop in routes[0]), [hop.record for hop in routes[0]]
+        # and the machine it computes on: this one, whose cores the client and the peers share
+        assert all(hop.record.machine == machine_id(hop.record.model_key, "cpu") and hop.record.machine_cores >= 1
+                   for hop in routes[0])
         # the answers' spacing, per row: a small fraction of what 100 kB/s links would take (2.56 ms);
         # so the links are taken to be much faster, and the work per row around the route with them
         first, bottleneck = planner.model(routes[0])
