@@ -10,7 +10,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from molink.dht.records import model_dht_key, weights_fingerprint
+from molink.dht.model_keys import model_dht_key, weights_fingerprint
 from molink.peer.checkpoint import load_config
 
 

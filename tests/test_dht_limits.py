@@ -18,7 +18,8 @@ from molink.crypto.identity import Identity
 from molink.dht.dht_limits import DHTLimits, PeerRateLimiter
 from molink.dht.host import connect_peer, p2p_addrs, running_host
 from molink.dht.kademlia import SwarmDHT, provider_key, value_key
-from molink.dht.records import SpanRecord, model_dht_key
+from molink.dht.model_keys import model_dht_key
+from molink.dht.records import SpanRecord
 
 DEADLINE = 30.0
 

@@ -34,6 +34,7 @@ from molink.dht.kademlia import (
     provider_shard,
     value_key,
 )
+from molink.dht.model_keys import model_dht_key
 from molink.dht.records import (
     ANNOUNCE_KIND,
     BadSignature,
@@ -42,7 +43,6 @@ from molink.dht.records import (
     RecordExpired,
     SpanRecord,
     encode_envelope,
-    model_dht_key,
 )
 
 MODEL = model_dht_key("tiny-llama", {"num_hidden_layers": 12}, "ab" * 32)

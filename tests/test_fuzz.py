@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from molink.crypto.identity import Identity
 from molink.dht.direct import DirectChannel, DirectChannelError
-from molink.dht.records import RecordError, SpanRecord, decode_and_verify, model_dht_key
+from molink.dht.model_keys import model_dht_key
+from molink.dht.records import RecordError, SpanRecord, decode_and_verify
 from molink.dht.streams import STREAM_ERRORS, open_framed_stream
 from molink.dht.wire import Frame, WireError, decode_frame_payload, decode_tensor, encode_tensor
 from molink.peer import protocol as p

@@ -49,7 +49,8 @@ from molink.dht.private_swarm import (
     SwarmKeyMismatch,
     _direction_cipher,
 )
-from molink.dht.records import SpanRecord, model_dht_key
+from molink.dht.model_keys import model_dht_key
+from molink.dht.records import SpanRecord
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, open_framed_stream
 from molink.dht.wire import LENGTH_PREFIX_BYTES, Frame, WireError, decode_frame, encode_frame, encode_tensor
 from molink.peer import protocol as p

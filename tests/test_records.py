@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from molink.crypto.identity import Identity
 from molink.crypto.signing import sign_record
+from molink.dht.model_keys import model_dht_key, weights_fingerprint
 from molink.dht.records import (
     ANNOUNCE_KIND,
     MAX_NEXT_RTTS,
@@ -32,8 +33,6 @@ from molink.dht.records import (
     best_record_index,
     decode_and_verify,
     encode_envelope,
-    model_dht_key,
-    weights_fingerprint,
 )
 
 ALICE = Identity(bytes(range(32)))

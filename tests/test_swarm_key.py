@@ -17,7 +17,8 @@ from molink.dht.host import ConnectError, connect_peer, p2p_addrs, running_host
 from molink.dht.kademlia import SwarmDHT
 from molink.dht import private_swarm
 from molink.dht.private_swarm import MULTISTREAM_HEADER, OPENING_BYTES
-from molink.dht.records import SpanRecord, model_dht_key
+from molink.dht.model_keys import model_dht_key
+from molink.dht.records import SpanRecord
 
 MODEL = model_dht_key("tiny", {"num_hidden_layers": 4}, "ef" * 32)
 DEADLINE = 30.0
