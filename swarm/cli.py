@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from molink.swarm.inference_session import InferenceError
+        from molink.swarm.inference_errors import InferenceError
         from molink.swarm.routing import NoRouteError
 
         from molink.crypto.swarm_key import SwarmKeyError

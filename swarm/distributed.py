@@ -31,7 +31,8 @@ from molink.dht.kademlia import SwarmDHT
 from molink.dht.records import SpanRecord
 from molink.peer.checkpoint import resolve_model_dir
 from molink.peer.model_key import model_key_for
-from molink.swarm.inference_session import CONNECT_TIMEOUT, InferenceError, RemoteSession
+from molink.swarm.inference_errors import InferenceError
+from molink.swarm.inference_session import CONNECT_TIMEOUT, RemoteSession
 from molink.swarm.loop import BackgroundLoop
 from molink.swarm.model import SwarmModelBase
 from molink.swarm.failover import DEFAULT_RECOVERY_TIMEOUT, FailoverChain

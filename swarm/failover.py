@@ -20,7 +20,8 @@ import torch
 import trio
 
 from molink.peer import protocol as p
-from molink.swarm.inference_session import InferenceError, RemoteSession
+from molink.swarm.inference_errors import InferenceError
+from molink.swarm.inference_session import RemoteSession
 from molink.swarm.prefill_plan import PrefillPlanner, fixed_chunks, planned_chunks_enabled
 from molink.swarm.routing import BanList, NoRouteError, is_relayed
 from molink.swarm.spot_check import Auditor, LiarDetected

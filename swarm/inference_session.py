@@ -26,6 +26,7 @@ from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
 from molink.swarm.channel_pool import ChannelPool
+from molink.swarm.inference_errors import InferenceError, as_inference_error
 from molink.swarm.routing import RouteHop
 from molink.swarm.spot_check import TappedStep
 from molink.swarm.step_bundles import StepBundles
@@ -38,32 +39,6 @@ OPEN_TIMEOUT = 15.0  # all hops answer `open`
 CONNECT_TIMEOUT = 3.0  # per hop: a frozen peer still completes TCP handshakes, never Noise
 DEFAULT_STEP_TIMEOUT = 120.0
 TAP_TIMEOUT = 10.0  # a hop's tap trails the last hop's result by a push at most
-
-
-class InferenceError(Exception):
-    """A step or an open failed on one peer of the route."""
-
-    def __init__(self, message: str, peer_id: str | None = None, code: str | None = None,
-                 unreachable: bool = False):
-        super().__init__(message)
-        self.peer_id = peer_id
-        self.code = code
-        self.unreachable = unreachable  # could not even connect: maybe it moved to a new address
-
-
-def _as_inference_error(exc: BaseException) -> InferenceError:
-    """trio nurseries wrap what crosses them in ExceptionGroups: hand callers the InferenceError."""
-    if isinstance(exc, InferenceError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        match = exc.subgroup(InferenceError)
-        if match is not None:
-            while isinstance(match, BaseExceptionGroup):
-                match = match.exceptions[0]
-            return match
-    if isinstance(exc, trio.TooSlowError):
-        return InferenceError("peers did not answer `open` in time")
-    return InferenceError(f"session could not open: {exc!r}")
 
 
 class RemoteSession:
@@ -126,7 +101,7 @@ class RemoteSession:
                     nursery.cancel_scope.cancel()
         except Exception as exc:
             if not started:
-                raise _as_inference_error(exc) from exc
+                raise as_inference_error(exc) from exc
             self._failure = exc
             logger.debug("session ended with %r", exc)
         finally:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from molink.peer import protocol as p
+from molink.swarm.inference_errors import InferenceError
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +227,6 @@ class Auditor:
 
     async def _rerun(self, verifier, tapped: list[TappedStep], k: int, start: int, upto: int):
         """The verifier's outputs for steps [start, upto) of hop k, run as one chunk (None: it failed)."""
-        from molink.swarm.inference_session import InferenceError  # import cycle: the session imports us
-
         steps = tapped[start:upto]
         inputs = torch.cat([s.inputs[k] for s in steps], dim=1)
         mask = torch.cat([s.mask for s in steps], dim=1)

@@ -8,7 +8,7 @@ import trio
 
 from molink.peer import protocol as p
 from molink.swarm.failover import FailoverChain
-from molink.swarm.inference_session import InferenceError
+from molink.swarm.inference_errors import InferenceError
 from molink.swarm.routing import BanList, NoRouteError
 
 

@@ -54,7 +54,8 @@ from molink.dht.records import SpanRecord
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, open_framed_stream
 from molink.dht.wire import LENGTH_PREFIX_BYTES, Frame, WireError, decode_frame, encode_frame, encode_tensor
 from molink.peer import protocol as p
-from molink.swarm.inference_session import InferenceError, RemoteSession
+from molink.swarm.inference_errors import InferenceError
+from molink.swarm.inference_session import RemoteSession
 from molink.swarm.routing import RouteHop
 
 LONG = int(os.environ.get("MOLINK_FUZZ_EXAMPLES", "100000"))

@@ -270,7 +270,7 @@ class _Slot:
 def swarm_error(exc: Exception) -> ApiError:
     """The swarm's failures as HTTP answers: capacity and routing problems are 503, not 500."""
     from molink.peer import protocol as p
-    from molink.swarm.inference_session import InferenceError
+    from molink.swarm.inference_errors import InferenceError
     from molink.swarm.routing import NoRouteError
 
     if isinstance(exc, ApiError):
