@@ -34,19 +34,28 @@ class Line:
 
     @classmethod
     def fitted(cls, samples: list[tuple[float, float]]) -> "Line | None":
-        """Least squares through (rows, seconds) samples of at least two sizes. Where noise gives a
-        slope of zero or less, or a negative fixed part, the line through zero and their mean: more
-        rows never cost less, and what grows with them is what a caller must not miss."""
-        if len({rows for rows, _ in samples}) < 2:
+        """Least squares through (rows, seconds) samples (None: no samples). Samples of one size, or
+        noise giving a slope of zero or less or a negative fixed part: the line through zero and
+        their mean (more rows never cost less, and what grows with them must not be missed)."""
+        if not samples:
             return None
         mean_rows = statistics.fmean(rows for rows, _ in samples)
         mean_seconds = statistics.fmean(seconds for _, seconds in samples)
-        slope = (sum((r - mean_rows) * (s - mean_seconds) for r, s in samples)
-                 / sum((r - mean_rows) ** 2 for r, _ in samples))
+        slope = least_squares_slope(samples)
         fixed = mean_seconds - slope * mean_rows
         if slope <= 0 or fixed < 0:
             return cls(0.0, mean_seconds / mean_rows)
         return cls(fixed, slope)
+
+
+def least_squares_slope(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of seconds in rows through (rows, seconds) points; 0 for one size."""
+    mean_rows = statistics.fmean(rows for rows, _ in points)
+    mean_seconds = statistics.fmean(seconds for _, seconds in points)
+    spread = sum((rows - mean_rows) ** 2 for rows, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((rows - mean_rows) * (seconds - mean_seconds) for rows, seconds in points) / spread
 
 
 @dataclass(frozen=True)
@@ -134,12 +143,7 @@ class PrefillCost:
 
     def line(self) -> Line | None:
         """Seconds per block of a chunk of n tokens, or None while nothing is known."""
-        samples = [*self._start, *self._recent]
-        line = Line.fitted(samples)
-        if line is None and samples:  # one size only: through its mean, all per-token
-            tokens = statistics.fmean(t for t, _ in samples)
-            line = Line(0.0, statistics.fmean(s for _, s in samples) / tokens)
-        return line
+        return Line.fitted([*self._start, *self._recent])
 
 
 def measure_prefill(run_chunk: Callable[[int], None], tokens: tuple[int, ...] = PREFILL_PROBE_TOKENS,

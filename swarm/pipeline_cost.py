@@ -120,10 +120,15 @@ class PipelineCosts:
     def busiest(self, times: list[float]) -> float:
         """The bottleneck of one pass whose stages take `times`: the busiest host or link (a host
         runs its stages on its cores: no faster than its longest stage, nor than its total / cores)."""
-        on_host: dict[object, list[float]] = {}
+        return max(max(max(ts for _, ts in pairs), sum(ts for _, ts in pairs) / self.cores.get(host, len(pairs)))
+                   for host, pairs in self._by_host(times).items())
+
+    def _by_host(self, times: list[float]) -> dict[object, list[tuple[Stage, float]]]:
+        """(stage, its time) per machine; a stage of no machine (a wire) is a resource of its own."""
+        on_host: dict[object, list[tuple[Stage, float]]] = {}
         for index, (stage, seconds) in enumerate(zip(self.stages, times)):
-            on_host.setdefault(stage.host if stage.host is not None else index, []).append(seconds)
-        return max(max(max(ts), sum(ts) / self.cores.get(host, len(ts))) for host, ts in on_host.items())
+            on_host.setdefault(stage.host if stage.host is not None else index, []).append((stage, seconds))
+        return on_host
 
     def mostly_links(self, chunk_tokens: int) -> bool:
         """Do the links carry more of such a chunk's work than the peers compute?"""
@@ -151,11 +156,8 @@ class PipelineCosts:
         slower than in 8.)"""
         if chunks <= 1:
             return sum(times)
-        on_host: dict[object, list[tuple[Stage, float]]] = {}
-        for index, (stage, seconds) in enumerate(zip(self.stages, times)):
-            on_host.setdefault(stage.host if stage.host is not None else index, []).append((stage, seconds))
         total = 0.0
-        for host, pairs in on_host.items():
+        for host, pairs in self._by_host(times).items():
             computing = sum(1 for stage, seconds in pairs if seconds > 0 and not stage.link)
             share = max(1.0, computing / self.cores.get(host, max(1, computing)))
             total += share * sum(seconds for _, seconds in pairs)

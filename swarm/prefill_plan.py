@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from molink.peer.cost_curve import Line
+from molink.peer.cost_curve import Line, least_squares_slope
 from molink.swarm.pipeline_cost import PipelineCosts
 
 MIN_CHUNK = 16  # tokens: smaller chunks are all fixed costs
@@ -154,7 +154,7 @@ class PrefillPlanner:
             # a prompt sent whole measures nothing (no answers to space), so a route once planned as
             # one chunk would stay so, whatever it really is: two chunks, where predicted about as fast
             count = 2
-        _trace(tokens, batch, predicted, count, first(count), bottleneck, seen)
+        _trace(tokens, batch, predicted, count, lambda: first(count), bottleneck, seen)
         return even_chunks(tokens, count)
 
     def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:
@@ -176,13 +176,13 @@ class PrefillPlanner:
         return self.measured[key]
 
 
-def _trace(tokens: int, batch: int, predicted: dict[int, float], count: int, first: Line, bottleneck: Line,
-           seen: RouteMeasurements | None) -> None:
+def _trace(tokens: int, batch: int, predicted: dict[int, float], count: int, first: Callable[[], Line],
+           bottleneck: Line, seen: RouteMeasurements | None) -> None:
     """MOLINK_PREFILL_TRACE=FILE: each plan as a JSON line (benchmarks read why a count was chosen)."""
     path = os.environ.get("MOLINK_PREFILL_TRACE")
     if path:
         with open(path, "a") as out:
-            out.write(json.dumps({"tokens": tokens, "batch": batch, "count": count, "first": vars(first),
+            out.write(json.dumps({"tokens": tokens, "batch": batch, "count": count, "first": vars(first()),
                                   "bottleneck": vars(bottleneck), "spacings": seen.spacings if seen else [],
                                   "predicted_ms": {c: round(1000 * t, 2) for c, t in predicted.items()}}) + "\n")
 
@@ -203,8 +203,7 @@ def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
     mean_rows, mean_seconds = statistics.fmean(sizes), statistics.fmean(s for _, s in points)
     fixed = predicted.fixed
     if _spread(sizes):
-        slope = sum((r - mean_rows) * (s - mean_seconds) for r, s in points) / sum((r - mean_rows) ** 2 for r in sizes)
-        fixed = max(fixed, mean_seconds - max(0.0, slope) * mean_rows)
+        fixed = max(fixed, mean_seconds - max(0.0, least_squares_slope(points)) * mean_rows)
     fixed = min(fixed, mean_seconds)
     return Line(fixed, (mean_seconds - fixed) / mean_rows)
 
