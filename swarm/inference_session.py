@@ -289,8 +289,11 @@ class RemoteSession:
                     self._record_relayed(step, replies)
                 self._stepping = False
                 return hidden_states
+            started = trio.current_time()
             out, reply = await self._send_and_wait(0, len(self.streams) - 1, step, hidden_states, new_mask,
                                                    relay=False, last=last_only)
+            if hidden_states.shape[1] > 1:  # a prompt sent whole: what it took teaches the planner too
+                self.prompt_timing = ([hidden_states.shape[1]], started, [trio.current_time()])
             if self.tap:
                 await self._record_pushed(step, reply, out)
             self._stepping = False

@@ -19,8 +19,11 @@ predicted bottleneck, and its cost per row against the predicted one gives the l
 chunk is predicted again. (A decode step's round trip minus a prompt's first answer would give
 that work directly, but across a WAN it is the difference of two ~100 ms figures that each jitter
 by more than it: tried on the WAN bed, it sent 1024-token prompts whole.)
-Off unless MOLINK_PREFILL_CHUNKS=planned: the route-blind rule (fixed_chunks), tuned on the WAN bed, did
-as well or better there in every A/B but one (README).
+The route-blind rule (fixed_chunks), tuned on the WAN bed, is the planner's prior: its count stays
+unless another is predicted at least KEEP_ROUTE_BLIND faster. Alone, the planner did not beat that
+rule on the bed where the rule was tuned (the predictions err by about that much there, README);
+what it adds is a count for routes nobody tuned for (links far slower or faster than assumed, peers
+of other speeds), where its predicted gain is large. MOLINK_PREFILL_CHUNKS=fixed: the rule alone.
 """
 
 from __future__ import annotations
@@ -40,17 +43,21 @@ MIN_CHUNK = 16  # tokens: smaller chunks are all fixed costs
 FIXED_MIN_CHUNK = 64
 FIXED_MAX_CHUNKS = 8
 MAX_CHUNKS = 16
-MAX_SCALE = 16.0  # links or peers at most this much faster or slower than assumed
+MAX_SCALE = 256.0  # links or peers at most this much faster or slower than assumed (1 Mbit/s uplinks, assumed 100)
+UNSEEN_SCALE = 16.0  # a route whose answers show no cost per row is taken to be this much faster
 NEAR_BEST = 0.02  # predicted times this close to the best count as ties (fewer chunks win)
 SPACING_SAMPLES = 8  # the latest prompts' answer spacings a route's bottleneck line is fitted to
 SPREAD = 1.5  # chunk sizes this far apart tell a bottleneck's fixed cost from its cost per row
 EXPLORE = 0.05  # a plan predicted this much slower than the best may run to measure another chunk size
+# the route-blind rule's count stays unless another is predicted this much faster: about what the
+# predictions erred by on the WAN bed (a 1024-token TTFT varied +-10 % for identical chunks there)
+KEEP_ROUTE_BLIND = 0.10
 MAX_ROUTES = 256
 
 
 def planned_chunks_enabled() -> bool:
-    """Opt-in (MOLINK_PREFILL_CHUNKS=planned): on the WAN bed it did not beat the fixed rule (README)."""
-    return os.environ.get("MOLINK_PREFILL_CHUNKS", "fixed") == "planned"
+    """On unless MOLINK_PREFILL_CHUNKS=fixed (the route-blind rule alone, e.g. for A/B benchmarks)."""
+    return os.environ.get("MOLINK_PREFILL_CHUNKS", "planned") != "fixed"
 
 
 def even_chunks(tokens: int, count: int) -> list[int]:
@@ -69,22 +76,32 @@ def fixed_chunks(tokens: int) -> list[int]:
 @dataclass
 class RouteMeasurements:
     """What this client measured on one route: (rows per chunk, seconds between answers) of its
-    latest prompts sent in chunks."""
+    latest prompts sent in chunks, and how far what it predicts now is off their time."""
 
     spacings: list[tuple[int, float]] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)  # measured / predicted, as max(r, 1/r) - 1
     prompts: int = 0
 
     def note_spacing(self, rows: int, seconds: float) -> None:
         self.spacings = [*self.spacings[-(SPACING_SAMPLES - 1):], (rows, seconds)]
 
+    def note_error(self, predicted: float, measured: float) -> None:
+        ratio = measured / predicted
+        self.errors = [*self.errors[-(SPACING_SAMPLES - 1):], max(ratio, 1 / ratio) - 1]
+
+    def error(self) -> float:
+        """How far the predictions are off this route's latest prompts (median; 0 before any)."""
+        return statistics.median(self.errors) if self.errors else 0.0
+
 
 class PrefillPlanner:
     """Shared by a client's generations; `costs(route)` gives a route's predicted stages."""
 
-    def __init__(self, costs: Callable[..., PipelineCosts]):
+    def __init__(self, costs: Callable[..., PipelineCosts], keep_route_blind: float = KEEP_ROUTE_BLIND):
         # costs(route, link_speed=1.0, compute_speed=1.0): the route's stages, its links and peers that
         # many times as fast as assumed and announced
         self.costs = costs
+        self.keep_route_blind = keep_route_blind  # see KEEP_ROUTE_BLIND (0: the predictions alone)
         self.measured: dict[tuple[str, ...], RouteMeasurements] = {}
 
     def model(self, route: list) -> tuple[Line, Line]:
@@ -111,7 +128,8 @@ class PrefillPlanner:
         if measured.per_row > 0 and bottleneck.per_row > 0:
             speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
         else:
-            speed = MAX_SCALE if bottleneck.per_row > 0 else 1.0  # no cost per row to see: it is fast
+            # no cost per row to see: it is fast, by how much is unknown (MAX_SCALE would make its links free)
+            speed = UNSEEN_SCALE if bottleneck.per_row > 0 else 1.0
         usual = round(statistics.fmean(r for r, _ in seen.spacings))
         which = "link_speed" if predicted.mostly_links(usual) else "compute_speed"
         costs = self.costs(route, **{which: speed})
@@ -131,18 +149,33 @@ class PrefillPlanner:
         most = max(1, min(MAX_CHUNKS, tokens // MIN_CHUNK))
         if most == 1:
             return [tokens]
+        predicted, bottleneck, first = self._predicted(route, tokens, batch, range(1, most + 1))
+        seen = self.measured.get(_key(route)) or RouteMeasurements()
+        count = self._count(tokens, batch, predicted, seen)
+        _trace(tokens, batch, predicted, count, lambda: first(count), bottleneck, seen)
+        return even_chunks(tokens, count)
+
+    def _predicted(self, route: list, tokens: int, batch: int, counts) -> tuple[dict[int, float], Line, Callable]:
+        """The predicted time from sending a prompt's first chunk to its last answer, per chunk
+        count (the client's head, alike for every count, not in it), and the lines it came from."""
         first, bottleneck = self._lines(route)
-        alike = self.costs(route).prefill_times(1)  # what every count costs alike: only for NEAR_BEST
+        delays = self.costs(route).prefill_times(1).delays
 
         def ttft(count: int) -> float:
             rows = batch * math.ceil(tokens / count)
-            return first(count).at(rows) + (count - 1) * bottleneck.at(rows) + alike.delays + alike.head
+            return first(count).at(rows) + (count - 1) * bottleneck.at(rows) + delays
 
-        predicted = {count: ttft(count) for count in range(1, most + 1)}
+        return {count: ttft(count) for count in counts}, bottleneck, first
+
+    def _count(self, tokens: int, batch: int, predicted: dict[int, float], seen: RouteMeasurements) -> int:
         best = min(predicted.values())
+        route_blind = len(fixed_chunks(tokens))
+        if self.keep_route_blind > 0 and predicted[route_blind] <= best * (1 + self.keep_route_blind + seen.error()):
+            # the prior holds (the module doc): nothing is predicted to pay more than the predictions
+            # err, in general and as measured on this route
+            return route_blind
         count = min(c for c, seconds in predicted.items() if seconds <= best * (1 + NEAR_BEST) + 1e-12)
-        seen = self.measured.get(_key(route))
-        if seen is not None and len(seen.spacings) >= 2 and not _spread([r for r, _ in seen.spacings]):
+        if len(seen.spacings) >= 2 and not _spread([r for r, _ in seen.spacings]):
             # chunks of one size cannot tell a bottleneck's fixed cost from its cost per row: try
             # another size this time, where the prediction says it costs little
             usual = statistics.fmean(r for r, _ in seen.spacings)
@@ -154,18 +187,23 @@ class PrefillPlanner:
             # a prompt sent whole measures nothing (no answers to space), so a route once planned as
             # one chunk would stay so, whatever it really is: two chunks, where predicted about as fast
             count = 2
-        _trace(tokens, batch, predicted, count, lambda: first(count), bottleneck, seen)
-        return even_chunks(tokens, count)
+        return count
 
     def observe(self, route: list, sizes: list[int], started: float, answers: list[float], batch: int = 1) -> None:
         """A prompt went as `sizes` chunks: sent from `started`, their answers back at `answers`."""
-        if len(sizes) < 2 or len(answers) != len(sizes) or max(sizes) < MIN_CHUNK or answers[0] <= started:
+        if not sizes or len(answers) != len(sizes) or max(sizes) < MIN_CHUNK or answers[0] <= started:
             return
-        spacing = statistics.median(b - a for a, b in zip(answers, answers[1:]))
-        if spacing > 0:
-            seen = self._measurements(route)
-            seen.note_spacing(batch * max(sizes), spacing)
-            seen.prompts += 1
+        seen = self._measurements(route)
+        if len(sizes) > 1:
+            spacing = statistics.median(b - a for a, b in zip(answers, answers[1:]))
+            if spacing > 0:
+                seen.note_spacing(batch * max(sizes), spacing)
+                seen.prompts += 1
+        # how far the model, with this prompt learned, is still off its time (the prior's margin)
+        count = len(sizes)
+        predicted = self._predicted(route, sum(sizes), batch, [count])[0][count]
+        if predicted > 0:
+            seen.note_error(predicted, answers[-1] - started)
 
     def _measurements(self, route: list) -> RouteMeasurements:
         key = _key(route)

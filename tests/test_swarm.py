@@ -275,8 +275,8 @@ def test_a_prompt_can_come_back_as_its_last_position_only(client, relay):
 def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, reference, batch, monkeypatch):
     """A 300-token prompt goes through the route as 4 chunks sent back to back (peers compute one
     while the next is on the wire); the second row is left-padded past the whole first chunk.
-    (The route-blind rule, the default; chunks sized by the route, opt-in: the next test.)"""
-    monkeypatch.delenv("MOLINK_PREFILL_CHUNKS", raising=False)
+    (The route-blind rule alone, MOLINK_PREFILL_CHUNKS=fixed; chunks sized by the route: the next test.)"""
+    monkeypatch.setenv("MOLINK_PREFILL_CHUNKS", "fixed")
     model = client(False)
     ids, mask = prompts(batch, length=300, pad=90, seed=8)
     assert_same_generation(model, reference, ids, mask, max_new_tokens=8, min_new=8, do_sample=False)
@@ -286,13 +286,13 @@ def test_long_prompts_travel_in_pipelined_chunks_and_stay_exact(client, referenc
 
 def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_learned(client, reference,
                                                                                         monkeypatch):
-    """The planner (swarm/prefill_plan.py, MOLINK_PREFILL_CHUNKS=planned) sizes a prompt's chunks by the route: told the links carry
+    """The planner (swarm/prefill_plan.py, the default) sizes a prompt's chunks by the route: told the links carry
     100 kB/s, it hides their bytes behind many small chunks (8 or more, where the route-blind rule
     sends 4); the tokens stay transformers'. What the steps really took on this route (loopback:
     far faster than such links) is measured, and the next prompt's plan follows it: the links are
     taken to be far faster, and the work per row around the route with them. The peers' compute
     comes from their records: each announces what its prompt chunks cost, and on which machine."""
-    monkeypatch.setenv("MOLINK_PREFILL_CHUNKS", "planned")
+    monkeypatch.delenv("MOLINK_PREFILL_CHUNKS", raising=False)
     model = client(False)
     planner, assumed = model.prefill_planner, model.link_rate
     routes = []
