@@ -138,6 +138,11 @@ class PipelineCosts:
                 work[stage.link] += stage.chunk_work(chunk_tokens)
         return work[True] >= work[False]
 
+    def link_per_row(self) -> float:
+        """Seconds per row of a prompt chunk on the slowest link (a wire, or a copy inside a machine:
+        both follow the link rate)."""
+        return max((stage.seconds for stage in self.stages if stage.link and stage.prefill == "rows"), default=0.0)
+
     def prefill_times(self, chunk_tokens: int, chunks: int = 2) -> PrefillTimes:
         """What a prompt sent as `chunks` chunks of `chunk_tokens` costs on this route (PrefillTimes)."""
         times = [0.0 if stage.prefill == "once" else stage.busy(1) if stage.prefill == "last"

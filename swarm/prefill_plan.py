@@ -45,6 +45,9 @@ FIXED_MAX_CHUNKS = 8
 MAX_CHUNKS = 16
 MAX_SCALE = 256.0  # links or peers at most this much faster or slower than assumed (1 Mbit/s uplinks, assumed 100)
 UNSEEN_SCALE = 16.0  # a route whose answers show no cost per row is taken to be this much faster
+# peers measure what their chunks cost and announce it: a route off by more than this is off in its
+# links, whose rate the client only assumed (a 1 Mbit/s bed taken as 100x slower CPUs: 1 chunk "best")
+PLAUSIBLE_COMPUTE_SCALE = 4.0
 NEAR_BEST = 0.02  # predicted times this close to the best count as ties (fewer chunks win)
 SPACING_SAMPLES = 8  # the latest prompts' answer spacings a route's bottleneck line is fitted to
 SPREAD = 1.5  # chunk sizes this far apart tell a bottleneck's fixed cost from its cost per row
@@ -125,13 +128,15 @@ class PrefillPlanner:
         if seen is None or not seen.spacings:
             return (lambda count: Line.through(lambda n: predicted.prefill_times(n, count).first)), bottleneck
         measured = _fit(seen.spacings, bottleneck)
-        if measured.per_row > 0 and bottleneck.per_row > 0:
-            speed = min(MAX_SCALE, max(1 / MAX_SCALE, bottleneck.per_row / measured.per_row))
-        else:
-            # no cost per row to see: it is fast, by how much is unknown (MAX_SCALE would make its links free)
-            speed = UNSEEN_SCALE if bottleneck.per_row > 0 else 1.0
         usual = round(statistics.fmean(r for r, _ in seen.spacings))
-        which = "link_speed" if predicted.mostly_links(usual) else "compute_speed"
+        links = predicted.mostly_links(usual)
+        # what is off is scaled until it alone costs what was measured per row: the busiest link, or
+        # the busiest machine (the bottleneck, when the peers' compute carries most of a chunk)
+        speed = _speed(predicted.link_per_row() if links else bottleneck.per_row, measured.per_row)
+        if not links and not 1 / PLAUSIBLE_COMPUTE_SCALE <= speed <= PLAUSIBLE_COMPUTE_SCALE:
+            links = True  # the peers measured their compute; the links' rate was only assumed
+            speed = _speed(predicted.link_per_row(), measured.per_row)
+        which = "link_speed" if links else "compute_speed"
         costs = self.costs(route, **{which: speed})
 
         def first(count: int) -> Line:
@@ -244,6 +249,14 @@ def _fit(samples: list[tuple[int, float]], predicted: Line) -> Line:
         fixed = max(fixed, mean_seconds - max(0.0, least_squares_slope(points)) * mean_rows)
     fixed = min(fixed, mean_seconds)
     return Line(fixed, (mean_seconds - fixed) / mean_rows)
+
+
+def _speed(predicted_per_row: float, measured_per_row: float) -> float:
+    """How many times faster than predicted a cost per row was measured (within MAX_SCALE)."""
+    if measured_per_row > 0 and predicted_per_row > 0:
+        return min(MAX_SCALE, max(1 / MAX_SCALE, predicted_per_row / measured_per_row))
+    # no cost per row to see: it is fast, by how much is unknown (MAX_SCALE would make its links free)
+    return UNSEEN_SCALE if predicted_per_row > 0 else 1.0
 
 
 def _spread(rows: list[float]) -> bool:

@@ -70,9 +70,26 @@ def test_a_route_measured_slower_than_assumed_leaves_the_rule_for_the_count_it_n
     spacing shows the links' speed, and the next prompt goes in the many chunks such links need."""
     planner, slow = planner_for(keep_route_blind=0.10), wan_route(rate=1e5)
     assert planner.chunks(ROUTE, 300) == fixed_chunks(300)
-    spacing = slow.prefill_times(75).bottleneck
-    planner.observe(ROUTE, [75] * 4, 0.0, [1.0 + i * spacing for i in range(4)])
+    truth = slow.prefill_times(75, 4)
+    planner.observe(ROUTE, [75] * 4, 0.0, [truth.first + truth.delays + i * truth.bottleneck for i in range(4)])
     assert len(planner.chunks(ROUTE, 300)) >= 8
+
+
+def test_links_100x_slower_than_assumed_are_not_taken_for_slow_peers():
+    """The tiny model's route at an assumed 100 Mbit/s: its peers' compute carries most of a chunk.
+    The links really carry 1 Mbit/s; blaming the peers would need CPUs 100x slower than they
+    measured themselves (and made the whole prompt look best), so the links are what is slow, and
+    after one prompt in the rule's 2 chunks the next goes in 8 (the WAN bed: 780 -> 555-612 ms)."""
+    planner = planner_for(keep_route_blind=0.10, row_bytes=276, hop_seconds=0.0012)
+    truth = wan_route(rate=1.25e5, row_bytes=276, hop_seconds=0.0012)
+    assert not planner.costs(ROUTE).mostly_links(64)
+    plans = []
+    for _ in range(3):
+        sizes = planner.chunks(ROUTE, 128)
+        plans.append(len(sizes))
+        times = truth.prefill_times(max(sizes), len(sizes))
+        planner.observe(ROUTE, sizes, 0.0, [times.first + times.delays + i * times.bottleneck for i in range(len(sizes))])
+    assert plans == [2, 8, 8]
 
 
 def test_a_route_the_predictions_do_not_explain_keeps_the_rule():
