@@ -1,4 +1,4 @@
-"""The peer's stream handlers: client sessions, pushes from the previous hop, and info.
+"""The peer's stream handlers: client sessions, pushes from the previous hop (push_handler.py), and info.
 
 A session lives as long as its client stream: the handler task that reads that stream owns the
 session (its KV cache reservation and its push stream to the next hop) and frees it however the
@@ -31,6 +31,7 @@ from molink.peer.batched_span import StepWork
 from molink.peer.cost_curve import ForwardCost, PrefillCost, timed
 from molink.peer.faults import Faults
 from molink.peer.push_channels import PushChannels
+from molink.peer.push_handler import serve_pushes
 from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, SessionRegistry
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
@@ -41,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0
 NEXT_HOP_CONNECT_TIMEOUT = 5.0
-PUSH_QUEUE_FRAMES = 16  # a session's pushed steps waiting for its worker (prompt chunks come 8 at once)
-PUSH_WORKER_IDLE = 10.0
 REUSE_TIMEOUT = 30.0  # a client stream whose session closed cleanly waits this long for the next open
 MAX_IDLE_STREAMS_PER_CLIENT = 16  # such waiting streams per client; more are closed at once
 
@@ -245,70 +244,7 @@ class InferenceHandler:
     # ------------------------------------------------------------------ pushes from the previous hop
 
     async def handle_push(self, framed: FramedStream) -> None:
-        """Pushes from a previous hop: across a WAN one channel carries the steps of all its sessions
-        that go on here (push_channels.py). Each session's steps then run in order on a worker of
-        its own, so different sessions' steps meet in the scheduler's batches instead of queueing
-        behind each other on the channel. A channel that has carried one session only (a session's
-        own, on loopback and LANs) runs its steps inline: earlier steps are done before a second
-        session's first one arrives, so the order holds when the workers take over."""
-        workers: dict[bytes, trio.MemorySendChannel] = {}
-        only: bytes | None = None  # the first session seen here; its steps run inline until another comes
-        shared = False
-        async with trio.open_nursery() as nursery:
-            try:
-                while True:
-                    try:
-                        frame = await framed.receive(timeout=self.idle_timeout)
-                    except STREAM_ERRORS:
-                        return
-                    if frame.type == p.PUSHES:  # several sessions' steps at once (step_bundles.py)
-                        await run_bundle(self, frame)
-                        continue
-                    if frame.type != p.PUSH:
-                        return  # peers speak this protocol correctly or not at all
-                    try:
-                        session_id = p.checked_session_id(frame.body.get("session_id"))
-                    except p.ProtocolError:
-                        return
-                    session = self.registry.get(session_id)
-                    if session is None:
-                        continue  # closed meanwhile (or never ours): the client will time out or has moved on
-                    only = session_id if only is None else only
-                    shared = shared or session_id != only
-                    if not shared:
-                        # a channel of one session's own (loopback, LAN): no hand-off to a worker
-                        await self._step(session, frame, relay=False)
-                        continue
-                    for _ in range(2):
-                        if session_id not in workers:
-                            send, receive = trio.open_memory_channel(PUSH_QUEUE_FRAMES)
-                            workers[session_id] = send
-                            nursery.start_soon(self._push_worker, session, send, receive, workers)
-                        try:
-                            await workers[session_id].send(frame)  # a full queue holds the channel back
-                            break
-                        except trio.BrokenResourceError:  # its worker just ended (idle): start another
-                            workers.pop(session_id, None)
-            finally:
-                for send in workers.values():
-                    send.close()  # the workers finish what they hold, then end
-
-    async def _push_worker(self, session: ActiveSession, send: trio.MemorySendChannel,
-                           frames: trio.MemoryReceiveChannel, workers: dict[bytes, trio.MemorySendChannel]) -> None:
-        """One session's pushed steps, in arrival order, until the session or the channel ends (a
-        worker of a quiet session checks every PUSH_WORKER_IDLE whether its session still exists)."""
-        async with frames:
-            while self.registry.get(session.session_id) is session:
-                frame = None
-                with trio.move_on_after(PUSH_WORKER_IDLE):
-                    try:
-                        frame = await frames.receive()
-                    except trio.EndOfChannel:
-                        break
-                if frame is not None and self.registry.get(session.session_id) is session:
-                    await self._step(session, frame, relay=False)
-        if workers.get(session.session_id) is send:
-            del workers[session.session_id]
+        await serve_pushes(self, framed)  # push_handler.py
 
     # ------------------------------------------------------------------ one step
 
