@@ -20,7 +20,8 @@ chunk is predicted again. (A decode step's round trip minus a prompt's first ans
 that work directly, but across a WAN it is the difference of two ~100 ms figures that each jitter
 by more than it: tried on the WAN bed, it sent 1024-token prompts whole.)
 The route-blind rule (fixed_chunks), tuned on the WAN bed, is the planner's prior: its count stays
-unless another is predicted at least KEEP_ROUTE_BLIND faster. Alone, the planner did not beat that
+unless another is predicted faster by more than KEEP_ROUTE_BLIND plus how far the model, fitted to
+the route, still misses its latest prompts' times (RouteMeasurements.error). Alone, the planner did not beat that
 rule on the bed where the rule was tuned (the predictions err by about that much there, README);
 what it adds is a count for routes nobody tuned for (links far slower or faster than assumed, peers
 of other speeds), where its predicted gain is large. MOLINK_PREFILL_CHUNKS=fixed: the rule alone.
@@ -112,10 +113,11 @@ class PrefillPlanner:
         chunk's rows: predicted (route_costs), then fitted to what was measured. The spacing of a
         prompt's answers is the bottleneck's time per chunk, whatever the delays: a line through
         chunks of different sizes splits it into fixed and per-row costs (else the predicted fixed
-        part is kept). Its cost per row against the predicted one says how much faster or slower
-        the route really is than predicted, and what is off is taken to be what carries most of a
-        chunk's work: the links (the client assumed their rate) or the peers' compute (announced).
-        The route's work is predicted again with all links, or all peers, that much faster or slower."""
+        part is kept). What is off is taken to be what carries most of a chunk's work: the links
+        (the client assumed their rate) or the peers' compute (announced), the latter never by more
+        than PLAUSIBLE_COMPUTE_SCALE (the peers measured it): the slowest link, or the busiest
+        machine, is scaled until it alone costs the measured time per row, and the route's work is
+        predicted again with all links, or all peers, that much faster or slower."""
         first, bottleneck = self._lines(route)
         return first(MAX_CHUNKS), bottleneck
 
@@ -173,6 +175,8 @@ class PrefillPlanner:
         return {count: ttft(count) for count in counts}, bottleneck, first
 
     def _count(self, tokens: int, batch: int, predicted: dict[int, float], seen: RouteMeasurements) -> int:
+        """The rule's count, unless another is predicted clearly faster (the module doc): then the
+        fastest (fewest within NEAR_BEST), varied to measure another size, never whole alone."""
         best = min(predicted.values())
         route_blind = len(fixed_chunks(tokens))
         if self.keep_route_blind > 0 and predicted[route_blind] <= best * (1 + self.keep_route_blind + seen.error()):
