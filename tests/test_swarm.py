@@ -315,11 +315,18 @@ def test_a_prompt_on_a_slow_route_travels_in_more_chunks_and_what_they_took_is_l
         # so the links are taken to be much faster, and the work per row around the route with them
         first, bottleneck = planner.model(routes[0])
         next_plan = planner.chunks(routes[0], 300, batch=2)
+        # how far the fitted model still misses the prompt's time is kept too (the rule's margin)
+        assert len(planner.measured[prefill_plan._key(routes[0])].errors) == 1
         planner.measured.clear()
         assumed_first, _ = planner.model(routes[0])
         assert bottleneck.per_row < 0.5 * HIDDEN * 4 / model.link_rate
         assert first.per_row < assumed_first.per_row / 2
         assert len(next_plan) <= len(chunks)
+        # and for a prompt too short to chunk, which goes whole
+        ids, mask = prompts(2, length=20, pad=0, seed=10)
+        assert_same_generation(model, reference, ids, mask, max_new_tokens=8, min_new=8, do_sample=False)
+        whole = planner.measured[prefill_plan._key(routes[-1])]
+        assert len(routes) == 2 and len(whole.errors) == 1 and whole.spacings == []  # one chunk: nothing to space
     finally:
         model.link_rate = assumed
         planner.measured.clear()
