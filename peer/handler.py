@@ -25,7 +25,7 @@ from molink.dht.direct import framed_data_stream, is_long_path, open_data_stream
 from molink.dht.host import ConnectError, connect_peer, with_peer_id
 from molink.dht.streams import STREAM_ERRORS, ClosedByPeer, FramedStream, ReceiveTimeout, StreamOpenTimeout
 from molink.dht.codec_policy import encode_hidden_async
-from molink.dht.wire import Frame
+from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.batched_span import StepWork
 from molink.peer.cost_curve import ForwardCost, PrefillCost, timed
@@ -36,7 +36,7 @@ from molink.peer.memory_cache import ActiveSession, CacheBudgetExceeded, Session
 from molink.peer.session_limits import LimitExceeded, OpenGate, SessionLimits, client_of, raise_stream_limits
 from molink.peer.scheduler import INLINE_COMPUTE_SECONDS, BatchingConfig, StepScheduler
 from molink.peer.span import SpanModel
-from molink.peer.step_bundles import Outgoing, run_bundle, send_tap
+from molink.peer.step_bundles import Outgoing, run_bundle, send_tap, stackable
 
 logger = logging.getLogger(__name__)
 
@@ -284,20 +284,35 @@ class InferenceHandler:
         answers_client = relay or session.push_stream is None
         if last_only and answers_client:
             out = out[:, -1:].contiguous()  # the client asked for the last position only (generation.run_step)
+        if answers_client:
+            target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, {"step": step})
+        else:
+            target = session.push_stream
+            reply = Frame(p.PUSH, frame.request_id, {"session_id": session.next_hop.session_id, "step": step,
+                                                     "mask": frame.body["mask"]})
+            if last_only:
+                reply.body["last"] = True
+        if outbox is not None and stackable(session):
+            # encoded with the bundle's other outputs, in one tensor, when they leave (step_bundles.py);
+            # an audited step's digest and tap as below (its tap gets its own copy of the output then)
+            tap = None
+            if session.tap and answers_client:
+                reply.body["in_digest"] = p.tensor_digest(hidden)
+            elif session.tap:
+                tap = Frame(p.TAP, frame.request_id, {"step": step})
+            outbox.append(Outgoing(session, frame.request_id, step, target, reply, tap, hidden, output=out, mask=mask))
+            return
         # the codec for the link this output takes (molink.dht.codec_policy); a tap copy shares it
-        tensor = await encode_hidden_async(out, session.compression, session.client_stream
-                                           if answers_client else session.push_stream)
+        tensor = await encode_hidden_async(out, session.compression, target)
         answer = {"step": step, "hidden": tensor}
         if answers_client:
             if session.tap:  # audited: say what input this output came from (spot checks, protocol.py)
                 answer["in_digest"] = p.tensor_digest(hidden)
-            target, reply = session.client_stream, Frame(p.RESULT, frame.request_id, answer)
+            reply.body = answer
         else:
-            target = session.push_stream
-            reply = Frame(p.PUSH, frame.request_id, {"session_id": session.next_hop.session_id, "step": step,
-                                                     "hidden": tensor, "mask": frame.body["mask"]})
-            if last_only:
-                reply.body["last"] = True
+            reply.body["hidden"] = tensor
+            if not isinstance(reply.body["mask"], dict):  # an item of a stacked bundle: its rows of the stack
+                reply.body["mask"] = encode_tensor(mask, codec="raw")
         # audited and pushing on: the client gets a copy (a tap) with its input's digest, both made
         # after the push has left, off the route's path
         tap = Frame(p.TAP, frame.request_id, answer) if session.tap and target is session.push_stream else None

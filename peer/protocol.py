@@ -21,6 +21,10 @@ peer -> next peer, on PUSH_PROTOCOL (one stream per session per hop)
   pushes {items: [push body, ...]}          several sessions' pushed steps in one frame
 peer -> client: `results {items: [{session_id, step, hidden}, ...]}` on the stream of one of the
   client's sessions: the last hop's answers to bundled steps (session_id: the last hop's)
+A bundle (steps, pushes, results) may carry its items' tensors stacked: `stacked {hidden[, mask]}`,
+  one [rows, new, hidden] tensor (and its [rows, new] mask) for every item that says `rows` instead
+  of carrying its own `hidden`/`mask`, in item order (unstack_bundle); items with tensors of their own
+  (a tapped session's) may sit beside them.
 anyone -> peer, on INFO_PROTOCOL
   info   {}  -> info {peer_id, model_key, start, end, throughput, sessions, free_cache_tokens, version}
 Errors are `error {code, message, step[, limit]}`; codes below (`limit`: peer/session_limits.py).
@@ -102,6 +106,53 @@ def bundle_items(body: dict) -> list[dict]:
             or not all(isinstance(item, dict) for item in items):
         raise ProtocolError(BAD_REQUEST, f"items must be a list of 1..{MAX_BUNDLE_ITEMS} maps")
     return items
+
+
+def unstack_bundle(body: dict, limits: WireLimits, hidden_size: int) -> list[dict]:
+    """The items of a bundle, each with its own `hidden` (and `mask`, when the bundle has masks):
+    an item that names `rows` gets the next that many rows of the bundle's stacked tensors, as
+    torch tensors (decoded once for the whole bundle; decode_step_tensors and the client's reader
+    check each item's rows like any step's). A stack that does not add up fails the whole bundle:
+    a sender that miscounts its own frame cannot be trusted with any item of it."""
+    items = bundle_items(body)
+    stacked = body.get("stacked")
+    if stacked is None:
+        if any("rows" in item for item in items):
+            raise ProtocolError(BAD_REQUEST, "items name rows of a stack the bundle does not carry")
+        return items
+    if not isinstance(stacked, dict) or not set(stacked) <= {"hidden", "mask"} or "hidden" not in stacked:
+        raise ProtocolError(BAD_REQUEST, "stacked must be a map with hidden (and mask)")
+    rows = []
+    for item in items:
+        if "rows" not in item:
+            continue
+        if "hidden" in item or "mask" in item:
+            raise ProtocolError(BAD_REQUEST, "a stacked item carries no tensors of its own")
+        count = item["rows"]
+        if type(count) is not int or not 1 <= count <= MAX_BATCH:
+            raise ProtocolError(BAD_REQUEST, f"rows must be an integer in [1, {MAX_BATCH}]")
+        rows.append(count)
+    try:
+        hidden = decode_tensor(stacked["hidden"], limits)
+        mask = decode_tensor(stacked["mask"], limits) if "mask" in stacked else None
+    except WireError as exc:
+        raise ProtocolError(BAD_REQUEST, f"bad stacked tensor: {exc}") from exc
+    if hidden.dtype not in FLOAT_DTYPES or hidden.dim() != 3 or hidden.shape[2] != hidden_size \
+            or hidden.shape[0] != sum(rows) or not rows:
+        raise ProtocolError(BAD_REQUEST, f"stacked hidden states must be float [{sum(rows)}, n, {hidden_size}], "
+                                         f"got {hidden.dtype} {list(hidden.shape)}")
+    if mask is not None and list(mask.shape) != list(hidden.shape[:2]):
+        raise ProtocolError(BAD_REQUEST, f"stacked mask must be {list(hidden.shape[:2])}, got {list(mask.shape)}")
+    hiddens = iter(hidden.split(rows))
+    masks = iter(mask.split(rows)) if mask is not None else None
+    unstacked = []
+    for item in items:
+        if "rows" in item:
+            item = {**item, "hidden": next(hiddens)}
+            if masks is not None:
+                item["mask"] = next(masks)
+        unstacked.append(item)
+    return unstacked
 
 
 def checked_session_id(value: Any, name: str = "session_id") -> bytes:
@@ -188,9 +239,10 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
 def decode_step_tensors(body: dict, limits: WireLimits, hidden_size: int, batch_size: int,
                         room: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [batch, new, hidden] (float) and their 0/1 mask [batch, new], checked."""
-    try:
-        hidden = decode_tensor(body.get("hidden"), limits)
-        mask = decode_tensor(body.get("mask"), limits)
+    try:  # a stacked bundle's item comes decoded already (unstack_bundle): never so from the wire
+        hidden, mask = body.get("hidden"), body.get("mask")
+        hidden = hidden if isinstance(hidden, torch.Tensor) else decode_tensor(hidden, limits)
+        mask = mask if isinstance(mask, torch.Tensor) else decode_tensor(mask, limits)
     except WireError as exc:
         raise ProtocolError(BAD_REQUEST, f"bad tensor: {exc}") from exc
     if hidden.dtype not in FLOAT_DTYPES:

@@ -13,18 +13,29 @@ Nothing else changes: each item is served exactly like a `step` of its own sessi
 checks, the same KV cache, errors on that session's own client stream), so a bad item fails
 only its session. A `steps` item must belong to a session the same client opened (a client
 cannot step someone else's session); pushes, like single pushes, are taken by session id.
+
+Stacked: the items' hidden states travel as ONE tensor (and one mask) per bundle, each item
+naming how many rows of it are its own (protocol.unstack_bundle): a decode step's tensor is a few
+hundred bytes, and decoding, checking and encoding one per item per hop cost more than the batched
+forward of a small model. Outputs of a lossless codec only (a q8 stack would share quantisation
+blocks across sessions): a row decoded from the stack is then bit for bit what it would be alone,
+so audited sessions stack too (their digests name the same values; a tap, the client's copy of a
+pushed output, is encoded on its own). MOLINK_STACKED_BUNDLES=0 keeps one tensor per item.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import trio
 
+from molink.dht.codec_policy import encode_hidden_async
 from molink.dht.streams import STREAM_ERRORS
-from molink.dht.wire import Frame
+from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 
 logger = logging.getLogger(__name__)
@@ -41,13 +52,25 @@ class Outgoing:
     frame: Frame  # what it would have sent alone: push to the next hop, or result to the client
     tap: Frame | None = None  # spot checks' copy for the client: sent after the bundle, off its path
     tap_input: Any = None  # with a tap: the step's input, whose digest the tap names (see send_tap)
+    output: Any = None  # not encoded yet (stackable): the output tensor, `frame` has no hidden
+    mask: Any = None  # with output: the step's checked mask, pushed on with it
+
+
+def stacking_enabled() -> bool:
+    """MOLINK_STACKED_BUNDLES=0: every bundled item carries its own tensors (for comparison)."""
+    return os.environ.get("MOLINK_STACKED_BUNDLES", "1") != "0"
+
+
+def stackable(session) -> bool:
+    """Whether a bundled step's output may leave stacked with others' (see the module doc)."""
+    return session.compression != "q8" and stacking_enabled()
 
 
 async def run_bundle(handler, frame: Frame, client: str | None = None) -> None:
     """Serve a `steps` (from `client`) or `pushes` frame: every item as a step of its session,
     all at once, then their outputs bundled."""
     try:
-        items = p.bundle_items(frame.body)
+        items = p.unstack_bundle(frame.body, p.PEER_WIRE_LIMITS, handler.span.config.hidden_size)
     except p.ProtocolError as exc:
         logger.info("bundle refused: %s", exc)
         return
@@ -93,14 +116,14 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
         # a session that closed while the bundle ran may have had its stream handed on or closed
         carrier = next((out.target for out in group if handler.registry.get(out.session.session_id) is out.session),
                        group[0].target)
+        stack = [out for out in group if out.output is not None]
+        if kind == "alone" or len(stack) < 2 or not _same_kind(stack):
+            for out in stack:
+                await _encode_alone(out)
         if kind == "alone" or len(group) == 1:
             frames = [out.frame for out in group]
-        elif kind == "push":
-            frames = [Frame(p.PUSHES, 0, {"items": [out.frame.body for out in part]})
-                      for part in _parts(group)]
         else:
-            frames = [Frame(p.RESULTS, 0, {"items": [{**out.frame.body, "session_id": out.session.session_id}
-                                                      for out in part]}) for part in _parts(group)]
+            frames = [await _bundle_frame(kind, part, carrier) for part in _parts(group)]
         try:
             for frame in frames:
                 await carrier.send(frame)
@@ -112,6 +135,9 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
             continue
         for out in group:
             if out.tap is not None:
+                if "hidden" not in out.tap.body:  # its output left stacked: the client's copy, on its own
+                    out.tap.body["hidden"] = await encode_hidden_async(out.output, out.session.compression,
+                                                                       out.session.client_stream)
                 await send_tap(handler, out.session, out.request_id, out.step, out.tap, out.tap_input)
 
 
@@ -124,6 +150,44 @@ async def send_tap(handler, session, request_id: int, step: int, tap: Frame, ste
         await session.client_stream.send(tap)
     except STREAM_ERRORS as exc:
         await handler._send_error(session.client_stream, request_id, p.INTERNAL, f"tap failed: {exc}", step)
+
+
+def _same_kind(stack: list[Outgoing]) -> bool:
+    """Outputs that can share one tensor: one dtype, one length, one codec setting."""
+    first = stack[0]
+    return all(out.output.dtype == first.output.dtype and out.output.shape[1:] == first.output.shape[1:]
+               and out.session.compression == first.session.compression for out in stack)
+
+
+async def _encode_alone(out: Outgoing) -> None:
+    """A stackable output that leaves on its own after all: its tensors into its own frame."""
+    out.frame.body["hidden"] = await encode_hidden_async(out.output, out.session.compression, out.target)
+    if not isinstance(out.frame.body.get("mask", {}), dict):  # it came stacked: its rows, encoded
+        out.frame.body["mask"] = encode_tensor(out.mask, codec="raw")
+    if out.tap is not None:  # the tap shares the push's encoding, as a step served alone does
+        out.tap.body["hidden"] = out.frame.body["hidden"]
+    out.output = None
+
+
+async def _bundle_frame(kind: str, part: list[Outgoing], carrier) -> Frame:
+    """One pushes/results frame for a part of a group: the stackable outputs in one tensor."""
+    items, stack = [], []
+    for out in part:
+        body = dict(out.frame.body)
+        if out.output is not None:
+            body.pop("mask", None)
+            body["rows"] = out.output.shape[0]
+            stack.append(out)
+        if kind == "client":
+            body["session_id"] = out.session.session_id
+        items.append(body)
+    body = {"items": items}
+    if stack:
+        hidden = torch.cat([out.output for out in stack]) if len(stack) > 1 else stack[0].output
+        body["stacked"] = {"hidden": await encode_hidden_async(hidden, stack[0].session.compression, carrier)}
+        if kind == "push":
+            body["stacked"]["mask"] = encode_tensor(torch.cat([out.mask for out in stack]), codec="raw")
+    return Frame(p.PUSHES if kind == "push" else p.RESULTS, 0, body)
 
 
 def _parts(group: list[Outgoing]) -> list[list[Outgoing]]:

@@ -25,6 +25,7 @@ from molink.dht.codec_policy import DEFAULT_COMPRESSION, encode_hidden
 from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
+from molink.peer.step_bundles import stacking_enabled
 from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.inference_errors import InferenceError, as_inference_error
 from molink.swarm.routing import RouteHop
@@ -340,9 +341,13 @@ class RemoteSession:
             raise InferenceError(f"steps {sent[0][0]}..{sent[-1][0]} got no answer within {self.step_timeout} s") from None
 
     def _step_body(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, relay: bool, send_to: int = 0,
-                   last: bool = False) -> dict:
-        body = {"step": step, "hidden": encode_hidden(hidden, self.compression, self.streams[send_to]),
-                "mask": encode_tensor(mask.to(torch.int64), codec="raw"), "relay": relay}
+                   last: bool = False, stack: bool = False) -> dict:
+        """`stack`: a bundled decode step whose tensors StepBundles encodes with the others'
+        (stacked, one tensor per bundle) or alone: they stay tensors here."""
+        stack = stack and self.compression != "q8" and stacking_enabled()
+        body = {"step": step, "hidden": hidden if stack else encode_hidden(hidden, self.compression, self.streams[send_to]),
+                "mask": mask.to(torch.int64) if stack else encode_tensor(mask.to(torch.int64), codec="raw"),
+                "relay": relay}
         if last:
             body["last"] = True
         if self.tap and (not relay or step not in self._sent):  # what hop 0 decodes, exactly
@@ -353,9 +358,10 @@ class RemoteSession:
 
     async def _send_and_wait(self, send_to: int, answer_from: int, step: int, hidden: torch.Tensor,
                              mask: torch.Tensor, relay: bool, last: bool = False) -> tuple[torch.Tensor, Frame]:
-        body = self._step_body(step, hidden, mask, relay, send_to, last)
+        bundled = self.bundles is not None and not relay and hidden.shape[1] == 1
+        body = self._step_body(step, hidden, mask, relay, send_to, last, stack=bundled)
         try:
-            if self.bundles is not None and not relay and hidden.shape[1] == 1:
+            if bundled:
                 await self.bundles.send(self, body)  # a decode step: with the others ready now
             else:
                 await self.streams[send_to].send(Frame(p.STEP, step, body))
@@ -401,8 +407,9 @@ class RemoteSession:
 
     def _checked_hidden(self, reply: Frame, index: int, new_tokens: int) -> torch.Tensor:
         peer_id = self.route[index].peer_id
-        try:
-            out = decode_tensor(reply.body.get("hidden"), p.PEER_WIRE_LIMITS)
+        try:  # an item of a stacked results frame comes decoded (StepBundles.dispatch); never so from the wire
+            out = reply.body.get("hidden")
+            out = out if isinstance(out, torch.Tensor) else decode_tensor(out, p.PEER_WIRE_LIMITS)
         except WireError as exc:
             raise InferenceError(f"peer {peer_id} sent a bad tensor: {exc}", peer_id, p.BAD_REQUEST) from exc
         expected = [self.batch_size, new_tokens, self.hidden_size]

@@ -10,6 +10,8 @@ are handed to each session as if they had come on its own stream, so everything 
 does (errors from any hop, timeouts, failover, closing) is unchanged.
 
 Only decode steps of push-mode sessions are bundled; prompts travel alone, in chunks, as before.
+Their hidden states travel stacked, one tensor (and one mask) for the whole bundle, each item
+naming its rows (protocol.unstack_bundle); results come back the same way and are split here.
 An audited session's taps still come on its own streams (swarm/spot_check.py matches them to
 the step whatever stream its result came on).
 """
@@ -20,10 +22,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+import torch
 import trio
 
+from molink.dht.codec_policy import encode_hidden
 from molink.dht.streams import STREAM_ERRORS
-from molink.dht.wire import Frame
+from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.session_limits import session_frame_bytes
 from molink.swarm.cohorts import CohortGate
@@ -43,9 +47,12 @@ class BundleStats:
     frames: int = 0  # steps frames sent
     steps: int = 0  # decode steps that travelled in them
     alone: int = 0  # decode steps of a session that was the client's only one: sent at once
+    stacked: int = 0  # steps frames whose items' tensors left stacked in one
+    stacked_results: int = 0  # results frames that came back stacked
 
     def as_dict(self) -> dict:
-        return {"frames": self.frames, "steps": self.steps, "alone": self.alone}
+        return {"frames": self.frames, "steps": self.steps, "alone": self.alone, "stacked": self.stacked,
+                "stacked_results": self.stacked_results}
 
 
 class StepBundles:
@@ -136,9 +143,9 @@ class StepBundles:
         to try again on another carrier (or failed too, on the last try)."""
         carrier = part[0][0]
         if len(part) == 1:
-            frame = Frame(p.STEP, part[0][1]["step"], part[0][1])
+            frame = Frame(p.STEP, part[0][1]["step"], _encoded(*part[0]))
         else:
-            frame = Frame(p.STEPS, 0, {"items": [{**body, "session_id": s.session_ids[0]} for s, body in part]})
+            frame = _steps_frame(part)
         try:
             await carrier.streams[0].send(frame)
         except STREAM_ERRORS as exc:
@@ -151,6 +158,7 @@ class StepBundles:
         if len(part) > 1:
             self.stats.frames += 1
             self.stats.steps += len(part)
+            self.stats.stacked += "stacked" in frame.body
         return []
 
     def dispatch(self, peer_id: str, frame: Frame) -> None:
@@ -161,11 +169,56 @@ class StepBundles:
         except p.ProtocolError as exc:
             logger.info("peer %s sent a bad results frame: %s", peer_id, exc)
             return
-        for item in items:
-            session_id = item.get("session_id")
-            session = self._sessions.get((peer_id, session_id)) if isinstance(session_id, bytes) else None
+        sessions = [self._sessions.get((peer_id, item.get("session_id"))) if isinstance(item.get("session_id"), bytes)
+                    else None for item in items]
+        known = [session for session in sessions if session is not None]
+        if not known:
+            return
+        try:
+            items = p.unstack_bundle(frame.body, p.PEER_WIRE_LIMITS, known[0].hidden_size)
+        except p.ProtocolError as exc:  # its stack does not add up: none of its answers can be trusted
+            logger.info("peer %s sent a bad results frame: %s", peer_id, exc)
+            for session in known:
+                session.fail_hop(len(session.route) - 1, p.ProtocolError(p.BAD_REQUEST, f"bad results frame: {exc}"))
+            return
+        self.stats.stacked_results += "stacked" in frame.body
+        for item, session in zip(items, sessions):
             if session is not None and type(item.get("step")) is int:
                 session.deliver_result(Frame(p.RESULT, item["step"], item))
+
+
+def _encoded(session, body: dict) -> dict:
+    """A step body with its tensors encoded (they stay tensors until the bundle is made: see
+    RemoteSession._step_body)."""
+    if not isinstance(body.get("hidden"), torch.Tensor):
+        return body
+    return {**body, "hidden": encode_hidden(body["hidden"], session.compression, session.streams[0]),
+            "mask": encode_tensor(body["mask"], codec="raw")}
+
+
+def _steps_frame(part: list[tuple[object, dict]]) -> Frame:
+    """A steps frame: the items' tensors stacked into one (when they are alike), else each its own."""
+    stack = [(session, body) for session, body in part if isinstance(body.get("hidden"), torch.Tensor)]
+    first = stack[0][1]["hidden"] if stack else None
+    alike = len(stack) > 1 and all(
+        body["hidden"].dtype == first.dtype and body["hidden"].shape[1:] == first.shape[1:]
+        and session.compression == stack[0][0].compression for session, body in stack)
+    items = []
+    for session, body in part:
+        if alike and isinstance(body.get("hidden"), torch.Tensor):
+            item = {key: value for key, value in body.items() if key not in ("hidden", "mask")}
+            item["rows"] = body["hidden"].shape[0]
+        else:
+            item = _encoded(session, body)
+        items.append({**item, "session_id": session.session_ids[0]})
+    frame_body = {"items": items}
+    if alike:
+        carrier = part[0][0]
+        frame_body["stacked"] = {
+            "hidden": encode_hidden(torch.cat([body["hidden"] for _, body in stack]), carrier.compression,
+                                    carrier.streams[0]),
+            "mask": encode_tensor(torch.cat([body["mask"] for _, body in stack]), codec="raw")}
+    return Frame(p.STEPS, 0, frame_body)
 
 
 def _parts(batch: list[tuple[object, dict]], hidden_size: int) -> list[list[tuple[object, dict]]]:

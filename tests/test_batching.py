@@ -298,6 +298,8 @@ def test_concurrent_generations_over_real_peers_are_batched_and_exact(tiny_llama
         assert torch.equal(out, want), f"session {index}"
     # their decode steps travelled in shared frames hop to hop (swarm/step_bundles.py)
     assert bundles.frames > 0 and bundles.steps >= 2 * bundles.frames, bundles
+    # with their hidden states stacked in one tensor, there and back (audited sessions' beside it)
+    assert bundles.stacked > 0 and bundles.stacked_results > 0, bundles
     for info in infos:
         assert info["batching"]["max_batch"] >= 4, info
         # how many steps meet in one forward depends on timing (2 shared cores): "more than one"

@@ -118,6 +118,35 @@ def test_request_decoders_answer_any_body_with_typed_errors(examples):
     run()
 
 
+@pytest.mark.parametrize("examples", [pytest.param(300, id="short"),
+                                      pytest.param(LONG, id="long", marks=pytest.mark.slow)])
+def test_stacked_bundles_unstack_into_consistent_items_or_fail_whole(examples):
+    """Whatever a bundle says, unstacking gives items whose rows add up to the stack, or one
+    ProtocolError for the whole frame."""
+    tensorish = st.fixed_dictionaries({"dtype": st.sampled_from(["float32", "int64", "bool", "x"]),
+                                       "shape": st.lists(st.integers(-1, 6), max_size=4),
+                                       "codec": st.sampled_from(["raw", "zstd"]),
+                                       "data": st.binary(max_size=400)})
+    real = st.builds(lambda rows, new: encode_tensor(torch.randn(rows, new, 8)), st.integers(1, 4), st.integers(1, 2))
+    item = st.dictionaries(st.sampled_from(["session_id", "step", "rows", "hidden", "mask"]),
+                           st.one_of(values, st.integers(0, 3)), max_size=5)
+
+    @fuzz(examples)
+    @given(items=st.one_of(values, st.lists(item, max_size=5)),
+           stacked=st.one_of(values, st.dictionaries(st.sampled_from(["hidden", "mask", "x"]),
+                                                     st.one_of(values, tensorish, real), max_size=3)))
+    def run(items, stacked):
+        try:
+            unstacked = p.unstack_bundle({"items": items, "stacked": stacked}, p.PEER_WIRE_LIMITS, 8)
+        except p.ProtocolError:
+            return
+        rows = [entry["hidden"].shape[0] for entry in unstacked if "rows" in entry]
+        assert rows == [entry["rows"] for entry in unstacked if "rows" in entry]
+        assert all(entry["hidden"].shape[2] == 8 for entry in unstacked if "rows" in entry)
+
+    run()
+
+
 def test_direct_channel_answers_any_bytes_with_a_channel_error():
     @fuzz(200)
     @given(st.binary(max_size=3000))

@@ -168,3 +168,24 @@ def test_honest_swarm_with_long_prompt_has_no_false_alarm(swarm, reference, tiny
         assert honest in {hop.peer_id for hop in model.last_route}
     assert torch.equal(got, expected)
     assert lies == [] and checks["audits"] >= 3 and checks["third_opinions"] == 0
+
+
+def test_a_liar_serving_concurrent_generations_is_caught_through_stacked_bundles(swarm, reference, tiny_llama):
+    """4 generations at once: their decode steps travel bundled, the hidden states stacked in one
+    tensor hop to hop (peer/step_bundles.py), audited hops' digests and taps beside them. The
+    liar's rows in the stack are still its own: caught, and every output stays exact."""
+    from molink.swarm.generation import merged_generation_config
+    from tests.concurrent_generations import generate_all_at_once
+
+    batch = [prompts(1, seed=20 + i)[0] for i in range(4)]
+    expected = [reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+                for ids in batch]
+    with DistributedModelForCausalLM.from_pretrained(tiny_llama, swarm.initial_peers,
+                                                     spot_check=SpotCheckConfig(rate=1.0, every=8, seed=0)) as model:
+        liar = through(model, swarm, "liar100")
+        config = merged_generation_config(model.generation_config, max_new_tokens=6, do_sample=False)
+        got = generate_all_at_once(model, batch, config)
+        assert liar in model.bans.liars
+        assert model.step_bundles.stats.stacked_results > 0, model.step_bundles.stats
+    for out, want in zip(got, expected):
+        assert torch.equal(out, want)
