@@ -23,7 +23,8 @@ session never waits. Steps that arrive while a forward runs simply queue: most b
 from there.
 
 Where a forward runs: one predicted to take under INLINE_COMPUTE_SECONDS runs on the event loop
-(a thread hand-off costs more than a tiny model's whole forward); the prediction scales the
+(a thread hand-off costs more than a tiny model's whole forward), and so does a batch of decode
+steps predicted under INLINE_DECODE_SECONDS (see _runs_inline); the prediction scales the
 one-row cost with the rows like a decode forward does (flat up to BLOCKS_CURVE's free
 rows: it reads every weight once however many rows it carries; peer/cost_curve.py),
 so a tiny model's batch of 30 sessions still runs inline. The one-row cost starts from the
@@ -57,6 +58,8 @@ ACTIVE_HORIZON = 0.5  # a session that sent a decode step this recently is expec
 ARRIVAL_GAP = 0.001  # no step for this long: the burst from the previous peer is over
 STEP_DEADLINE = 300.0  # a step not computed by then fails instead of hanging its session
 INLINE_COMPUTE_SECONDS = 0.002  # shorter forwards run on the event loop: a thread hand-off costs ~0.3 ms
+# decode batches up to this long run on the loop too: see StepScheduler._runs_inline
+INLINE_DECODE_SECONDS = 0.008
 
 
 # Python's cyclic collector, tuned once per process that serves steps (a peer, a client). Every step
@@ -131,12 +134,13 @@ class SchedulerStats:
     prefill_chunks: int = 0
     stacks_built: int = 0  # batched forwards that stacked their sessions' caches (stacked_cache.py)
     stacks_reused: int = 0  # ... that found them still stacked from the forward before
+    threaded: int = 0  # forwards run in a worker thread (the others ran on the event loop)
 
     def as_dict(self) -> dict:
         mean = self.decode_rows / self.decode_forwards if self.decode_forwards else 0.0
         return {"forwards": self.forwards, "decode_forwards": self.decode_forwards, "decode_rows": self.decode_rows,
                 "mean_decode_batch": round(mean, 2), "max_batch": self.max_rows, "prefill_chunks": self.prefill_chunks,
-                "stacks_built": self.stacks_built, "stacks_reused": self.stacks_reused}
+                "stacks_built": self.stacks_built, "stacks_reused": self.stacks_reused, "threaded": self.threaded}
 
 
 @dataclass(eq=False)
@@ -234,10 +238,20 @@ class StepScheduler:
             raise item.error
         return item.result
 
-    def _runs_inline(self, tokens: int, blocks: int) -> bool:
-        """A forward predicted cheaper than a thread hand-off runs on the event loop."""
+    def _runs_inline(self, tokens: int, blocks: int, decode: bool = True) -> bool:
+        """A forward predicted cheaper than a thread hand-off runs on the event loop; so does a batch
+        of decode steps predicted under INLINE_DECODE_SECONDS. A worker thread only helps when the
+        loop has work to do meanwhile and the forward leaves it the GIL (long matrix products do,
+        a small model's many short ops do not: every op hands the GIL back and forth). While a
+        decode batch runs, the steps arriving would only wait for the next batch anyway; timed by
+        the wall clock on a busy machine, a tiny model's 24-row batch (~1 ms of CPU) looks > 2 ms,
+        and sending those to threads cost 32 tiny sessions 5-15 % of their tokens/s (3 peers and
+        a client on 2 cores, alternating runs). Prompt chunks keep the lower bound: reading the
+        next chunk off the network while one computes is worth the hand-off (bench_wan: 1024
+        tokens 162 ms threaded vs 196-217 inline)."""
         predicted = self.cost.predict(tokens, blocks)
-        return predicted is not None and predicted < INLINE_COMPUTE_SECONDS
+        bound = INLINE_DECODE_SECONDS if decode else INLINE_COMPUTE_SECONDS
+        return predicted is not None and predicted < bound
 
     def _timed_run(self, job: Job) -> None:
         """Run a job here and teach the cost model what it took."""
@@ -357,10 +371,12 @@ class StepScheduler:
 
     async def _execute(self, job: Job) -> None:
         """Run one job inline (tiny) or in a worker thread, then wake the steps it finished."""
+        inline = self._runs_inline(job.tokens, _blocks(job), decode=not job.prefill)
         try:
-            if self._runs_inline(job.tokens, _blocks(job)):
+            if inline:
                 self._timed_run(job)
             else:
+                self.stats.threaded += 1
                 _, seconds = await trio.to_thread.run_sync(timed, job.run)
                 self._observe(job, seconds)
         except Exception as exc:  # noqa: BLE001 - delivered to the step(s) it belongs to
@@ -372,6 +388,11 @@ class StepScheduler:
             self._queue = [other for other in self._queue if other not in finished]  # (decodes left it in _plan)
         for item in finished:
             item.done.set()
+        # the steps it finished send their outputs on before the next job computes (an inline job
+        # would otherwise hold them until it is done): woken now, they run in the loop's next batch;
+        # trio runs a batch in random order, so we wait out two batches
+        for _ in range(2):
+            await trio.lowlevel.checkpoint()
 
 
 def work_tokens(item: PendingStep, chunk: int) -> int:

@@ -157,8 +157,10 @@ async def test_long_prompt_is_chunked_behind_decode_steps(tiny_llama):
     assert events[:finished].count("d0") >= 5, "decoders froze while the prompt ran"
 
 
-async def test_row_limit_serves_everyone_in_order(tiny_llama):
+async def test_row_limit_serves_everyone_in_order(tiny_llama, monkeypatch):
     """With room for 2 rows per forward, 6 waiting sessions all finish, oldest first, in 3 forwards."""
+    from molink.peer import scheduler as scheduler_module
+
     model = LocalSpansModelForCausalLM.from_pretrained(tiny_llama, [(0, 6)], progress=False)
     span = model.spans[0]
     scheduler = StepScheduler(BatchingConfig(window=0.0, max_rows=2))
@@ -166,22 +168,30 @@ async def test_row_limit_serves_everyone_in_order(tiny_llama):
     for session in sessions:
         span.step(session, torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.long))
     submitted: list[int] = []
-    forward_of: dict[int, int] = {}
+    forwards: list[list[int]] = []  # the sessions of each forward, as the scheduler ran them
+    step_batched = scheduler_module.step_batched
+
+    def recorded(span, works, stats):
+        forwards.append([sessions.index(work.session) for work in works])
+        return step_batched(span, works, stats)
+
+    monkeypatch.setattr(scheduler_module, "step_batched", recorded)
+    done: list[int] = []
 
     async def one(index):
         submitted.append(index)  # submit() queues before its first checkpoint: this is the queue order
         await scheduler.submit(span, StepWork(sessions[index], torch.randn(1, 1, 64), torch.ones(1, 1, dtype=torch.long)))
-        forward_of[index] = scheduler.stats.decode_forwards
+        done.append(index)
 
     async with trio.open_nursery() as nursery:
         for index in range(6):
             nursery.start_soon(one, index)
         await trio.sleep(0.01)  # all six queued before the worker starts
         await nursery.start(scheduler.run)
-        while len(forward_of) < 6:
+        while len(done) < 6:
             await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    assert [forward_of[index] for index in submitted] == [1, 1, 2, 2, 3, 3]
+    assert forwards == [submitted[0:2], submitted[2:4], submitted[4:6]]
     assert scheduler.stats.max_rows == 2
 
 
