@@ -117,7 +117,7 @@ async def send_outgoing(handler, outbox: list[Outgoing]) -> None:
         carrier = next((out.target for out in group if handler.registry.get(out.session.session_id) is out.session),
                        group[0].target)
         stack = [out for out in group if out.output is not None]
-        if kind == "alone" or len(stack) < 2 or not _same_kind(stack):
+        if kind == "alone" or not stack_together([(out.output, out.session.compression) for out in stack]):
             for out in stack:
                 await _encode_alone(out)
         if kind == "alone" or len(group) == 1:
@@ -152,11 +152,14 @@ async def send_tap(handler, session, request_id: int, step: int, tap: Frame, ste
         await handler._send_error(session.client_stream, request_id, p.INTERNAL, f"tap failed: {exc}", step)
 
 
-def _same_kind(stack: list[Outgoing]) -> bool:
-    """Outputs that can share one tensor: one dtype, one length, one codec setting."""
-    first = stack[0]
-    return all(out.output.dtype == first.output.dtype and out.output.shape[1:] == first.output.shape[1:]
-               and out.session.compression == first.session.compression for out in stack)
+def stack_together(pieces: list[tuple[torch.Tensor, str]]) -> bool:
+    """Whether these (tensor, compression setting) pieces can share one stacked tensor: two or
+    more, one dtype, one length, one codec setting. The client's steps frames use it too."""
+    if len(pieces) < 2:
+        return False
+    tensor, compression = pieces[0]
+    return all(other.dtype == tensor.dtype and other.shape[1:] == tensor.shape[1:] and mode == compression
+               for other, mode in pieces)
 
 
 async def _encode_alone(out: Outgoing) -> None:

@@ -25,7 +25,7 @@ from molink.dht.codec_policy import DEFAULT_COMPRESSION, encode_hidden
 from molink.dht.streams import STREAM_ERRORS, FramedStream
 from molink.dht.wire import Frame, WireError, decode_tensor, encode_tensor
 from molink.peer import protocol as p
-from molink.peer.step_bundles import stacking_enabled
+from molink.peer.step_bundles import stackable
 from molink.swarm.channel_pool import ChannelPool
 from molink.swarm.inference_errors import InferenceError, as_inference_error
 from molink.swarm.routing import RouteHop
@@ -344,7 +344,7 @@ class RemoteSession:
                    last: bool = False, stack: bool = False) -> dict:
         """`stack`: a bundled decode step whose tensors StepBundles encodes with the others'
         (stacked, one tensor per bundle) or alone: they stay tensors here."""
-        stack = stack and self.compression != "q8" and stacking_enabled()
+        stack = stack and stackable(self)  # the peers' rule (lossless codecs, stacking on)
         body = {"step": step, "hidden": hidden if stack else encode_hidden(hidden, self.compression, self.streams[send_to]),
                 "mask": mask.to(torch.int64) if stack else encode_tensor(mask.to(torch.int64), codec="raw"),
                 "relay": relay}

@@ -30,6 +30,7 @@ from molink.dht.streams import STREAM_ERRORS
 from molink.dht.wire import Frame, encode_tensor
 from molink.peer import protocol as p
 from molink.peer.session_limits import session_frame_bytes
+from molink.peer.step_bundles import stack_together
 from molink.swarm.cohorts import CohortGate
 
 logger = logging.getLogger(__name__)
@@ -199,10 +200,7 @@ def _encoded(session, body: dict) -> dict:
 def _steps_frame(part: list[tuple[object, dict]]) -> Frame:
     """A steps frame: the items' tensors stacked into one (when they are alike), else each its own."""
     stack = [(session, body) for session, body in part if isinstance(body.get("hidden"), torch.Tensor)]
-    first = stack[0][1]["hidden"] if stack else None
-    alike = len(stack) > 1 and all(
-        body["hidden"].dtype == first.dtype and body["hidden"].shape[1:] == first.shape[1:]
-        and session.compression == stack[0][0].compression for session, body in stack)
+    alike = stack_together([(body["hidden"], session.compression) for session, body in stack])
     items = []
     for session, body in part:
         if alike and isinstance(body.get("hidden"), torch.Tensor):
